@@ -1,0 +1,41 @@
+"""Errors a user can act on.
+
+Every error the CLI should print as one line (no traceback) derives from `TransferFlowError`,
+and also from the matching built-in, so callers can catch either (the zarr-python habit).
+"""
+
+
+class TransferFlowError(Exception):
+    """Base of all user-facing errors: the message alone must tell the user what to do."""
+
+
+class DatasetError(TransferFlowError, ValueError):
+    """The dataset folder cannot be used as given (missing, too few classes, class too small...)."""
+
+
+class OutputExistsError(TransferFlowError, FileExistsError):
+    """An output already exists and the user did not ask to overwrite it."""
+
+
+class WeightsUnavailableError(TransferFlowError, FileNotFoundError):
+    """Pretrained weights are neither given, cached, installed nor downloadable."""
+
+
+class StoreError(TransferFlowError, ValueError):
+    """A feature store is missing, malformed, or incompatible with what reads it."""
+
+
+class BundleError(TransferFlowError, ValueError):
+    """A model bundle is missing, altered, or incompatible with the features it is given."""
+
+
+class SettingsError(TransferFlowError, ValueError):
+    """A setting has a value the pipeline cannot use."""
+
+
+class UnreadableImageError(TransferFlowError, ValueError):
+    """One image cannot be decoded; the pipeline records it as skipped with `reason`."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
