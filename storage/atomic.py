@@ -27,6 +27,7 @@ def atomic_path(target: Path, *, overwrite: bool = False, is_dir: bool = False) 
         raise FileExistsError(f"{target} already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a renamed-in directory should look like any other
     work = tmp if is_dir else tmp / target.name
     try:
         yield work
@@ -43,6 +44,12 @@ def atomic_path(target: Path, *, overwrite: bool = False, is_dir: bool = False) 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_text(target: Path, text: str, *, overwrite: bool = True) -> Path:

@@ -1,0 +1,155 @@
+"""The `transfer-flow` command: builds PipelineSettings from arguments and runs the flow. No work happens here."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from storage.errors import TransferFlowError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+    from flows.settings import PipelineSettings
+    from tasks.backbones import BACKBONES
+
+    fields = PipelineSettings.model_fields
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default=fields["backbone"].default,
+                        help=f"pretrained CNN (default: %(default)s; see `transfer-flow backbones`)")
+    parser.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
+                        help="imagenet: Keras cache, then an installed offline package, then download; "
+                             "none: random init; PATH: a .weights.h5/.h5 file (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, metavar="N", help="square input side (default: the backbone's native size)")
+    parser.add_argument("--pooling", choices=["flatten", "avg", "max"], default=fields["pooling"].default,
+                        help="flatten is the classic recipe (VGG16 at 224: 25,088-d); default: %(default)s")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
+                        help="compute precision (default: the backbone's fastest measured; see BENCHMARKS.md)")
+    parser.add_argument("--batch-size", type=int, default=fields["batch_size"].default, metavar="N",
+                        help="images per inference call (default: %(default)s)")
+    parser.add_argument("--test-size", type=float, default=fields["test_size"].default, metavar="F",
+                        help="fraction of each class held out (default: %(default)s; train/ and test/ folders win)")
+    parser.add_argument("--seed", type=int, default=fields["seed"].default, metavar="N",
+                        help="seed of shuffle, split and cross-validation (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transfer-flow",
+        description="Transfer learning on a folder of labelled images: pretrained-CNN features → HDF5 store → "
+                    "classifier → evaluation report, run as a Prefect flow.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the pipeline on a dataset folder",
+                              description="List DATASET (one sub-folder per class; train/ and test/ honoured), "
+                                          "extract features, train logistic regression (grid over C), write a report.")
+    run.add_argument("dataset", metavar="DATASET", help="folder with one sub-folder per class")
+    run.add_argument("--output", "-o", required=True, metavar="DIR",
+                     help="folder for features.h5, manifest.json, model/, report/ and run.json")
+    _add_pipeline_options(run)
+    run.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in DIR")
+
+    demo = commands.add_parser("demo", help="run the pipeline offline on the embedded digits dataset",
+                               description="Write scikit-learn's 1,797 handwritten digits as PNG class folders under "
+                                           "DIR/dataset, then run the pipeline into DIR/run (replacing an earlier demo's run).")
+    demo.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="default: %(default)s")
+    _add_pipeline_options(demo)
+
+    commands.add_parser("backbones", help="list backbones and whether pretrained weights are available offline",
+                        description="Every backbone with its native input size, feature dimension per pooling, "
+                                    "default precision and where ImageNet weights would come from right now.")
+    return parser
+
+
+def _settings(args: argparse.Namespace, dataset: str, output: str, overwrite: bool):
+    from flows.settings import PipelineSettings
+
+    return PipelineSettings(dataset=dataset, output=output, backbone=args.backbone, weights=args.weights,
+                            image_size=args.image_size, pooling=args.pooling, precision=args.precision,
+                            batch_size=args.batch_size, test_size=args.test_size, seed=args.seed, overwrite=overwrite)
+
+
+def _run_pipeline(settings) -> int:
+    from flows.pipeline import transfer_learning
+
+    summary = transfer_learning(settings)
+    print(f"\naccuracy {summary.accuracy:.4f}, macro F1 {summary.macro_f1:.4f} "
+          f"({summary.images_extracted} images extracted, {len(summary.images_skipped)} skipped)")
+    for skipped in summary.images_skipped:
+        print(f"  skipped {skipped.path}: {skipped.reason}")
+    print(f"report:  {Path(summary.report) / 'report.md'}")
+    print(f"summary: {Path(settings.output) / 'run.json'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from storage.demo_dataset import write_digits_dataset
+
+    root = Path(args.output)
+    dataset = write_digits_dataset(root / "dataset")
+    run_dir = root / "run"
+    previous = run_dir / "run.json"
+    # Replace only an earlier demo's run, recognised by its run.json naming this demo's dataset.
+    is_earlier_demo = previous.is_file() and json.loads(previous.read_text()).get("dataset") == str(dataset.resolve())
+    return _run_pipeline(_settings(args, str(dataset), str(run_dir), overwrite=is_earlier_demo))
+
+
+def _backbones() -> int:
+    from tasks.backbones import BACKBONES, weights_available_offline
+
+    header = f"{'backbone':<18}{'input':>6}{'flatten':>10}{'avg/max':>9}  {'precision':<10}offline ImageNet weights"
+    print(header)
+    print("-" * len(header))
+    for name, spec in sorted(BACKBONES.items()):
+        source = weights_available_offline(spec)
+        print(f"{name:<18}{spec.native_size:>6}{spec.feature_dim('flatten', spec.native_size):>10}"
+              f"{spec.channels:>9}  {spec.default_precision:<10}{source or 'no (download needed, or --weights PATH)'}")
+    return 0
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; for a user error the message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TransferFlowError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banners drown the progress lines
+    if not args.debug:
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
+    try:
+        if args.command == "run":
+            return _run_pipeline(_settings(args, args.dataset, args.output, args.overwrite))
+        if args.command == "demo":
+            return _demo(args)
+        return _backbones()
+    except (TransferFlowError, ValidationError) as error:
+        if args.debug:
+            raise
+        message = str(error) if isinstance(error, TransferFlowError) else _validation_message(error)
+        print(f"transfer-flow: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("transfer-flow: interrupted; no partial output was left under a final name", file=sys.stderr)
+        return 130
+
+
+def _validation_message(error: ValidationError) -> str:
+    return "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in error.errors())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

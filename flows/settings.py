@@ -1,0 +1,45 @@
+"""The pipeline's parameters: one typed model, so the CLI, Python callers and the Prefect UI form agree."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+
+from tasks.backbones import BACKBONES, DEFAULT_BACKBONE, Pooling, Precision
+from tasks.extraction import ExtractionSettings
+from tasks.training import TrainingSettings
+
+BackboneName = Literal[tuple(BACKBONES)]  # an enum in the UI form
+
+
+class PipelineSettings(BaseModel):
+    """Settings of one run: dataset in, feature store + model + report out."""
+
+    dataset: str = Field(description="Folder with one sub-folder per class (train/ and test/ honoured when present).")
+    output: str = Field(description="Folder for features.h5, model/, report/ and run.json.")
+    backbone: BackboneName = Field(default=DEFAULT_BACKBONE, description="Pretrained CNN used as a fixed feature extractor.")
+    weights: str = Field(default="imagenet", description="imagenet (offline sources first), none (random init), or a path to a .h5 weights file.")
+    image_size: int | None = Field(default=None, ge=16, description="Square input side in pixels; empty: the backbone's native size.")
+    pooling: Pooling = Field(default="avg", description="flatten (the classic recipe), avg or max over the last feature map.")
+    precision: Precision | None = Field(default=None, description="Compute precision; empty: the backbone's fastest measured default.")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
+    test_size: float = Field(default=0.25, gt=0, lt=1, description="Fraction of each class held out for evaluation (ignored with train/ and test/ folders).")
+    seed: int = Field(default=42, description="Seed of the shuffle, the split and cross-validation.")
+    overwrite: bool = Field(default=False, description="Replace the outputs of an earlier run in the same folder.")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_is_a_folder(cls, value: str) -> str:
+        # Checked here so a wrong path fails at once, before a Prefect run or server is started.
+        if not Path(value).is_dir():
+            raise ValueError(f"dataset folder {value} does not exist or is not a folder")
+        return value
+
+    def extraction(self) -> ExtractionSettings:
+        return ExtractionSettings(backbone=self.backbone, weights=self.weights, image_size=self.image_size,
+                                  pooling=self.pooling, precision=self.precision, batch_size=self.batch_size)
+
+    def training(self) -> TrainingSettings:
+        return TrainingSettings(seed=self.seed)

@@ -1,0 +1,207 @@
+"""The backbone zoo: pretrained CNNs by name, their preprocessing, and where their weights come from.
+
+Weights resolve in one order, whatever the backbone, and the answer is recorded in the store,
+run.json and the report:
+
+    explicit path  →  Keras cache  →  installed offline package  →  download  →  clear error
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from storage.errors import SettingsError, WeightsUnavailableError
+
+Pooling = Literal["flatten", "avg", "max"]
+Precision = Literal["float32", "bfloat16", "float16"]
+WeightsSource = Literal["path", "keras-cache", "offline-package", "download", "random"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the pipeline needs to know about one backbone, without building it."""
+
+    name: str
+    native_size: int
+    min_size: int
+    channels: int  # channels of the last feature map (the pooled feature dimension)
+    total_stride: int  # the feature map is ceil(size / total_stride) on each side
+    preprocessing: str  # recorded in the store and bundle; `preprocess` implements it
+    notop_weights_file: str | None  # Keras cache file name of the ImageNet no-top weights
+    default_precision: Precision  # fastest measured on a CPU with AMX-BF16; see BENCHMARKS.md
+    build_base: Callable[[tuple[int, int, int], str | None], object]  # (input_shape, weights) -> keras.Model
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    offline_weights: Callable[[], Path | None] | None = None  # weights an installed package ships
+
+    def feature_dim(self, pooling: Pooling, image_size: int) -> int:
+        if pooling == "flatten":
+            side = -(-image_size // self.total_stride)
+            return side * side * self.channels
+        return self.channels
+
+
+def _keras_app(module: str, constructor: str) -> Callable[[tuple[int, int, int], str | None], object]:
+    def build(input_shape: tuple[int, int, int], weights: str | None) -> object:
+        import keras
+
+        app = getattr(keras.applications, constructor)
+        return app(include_top=False, weights=weights, input_shape=input_shape, pooling=None)
+
+    return build
+
+
+def _keras_preprocess(module: str) -> Callable[[np.ndarray], np.ndarray]:
+    def preprocess(batch: np.ndarray) -> np.ndarray:
+        import keras
+
+        # Copy to float32 first: some preprocess_input functions work in place on float input.
+        return getattr(keras.applications, module).preprocess_input(batch.astype(np.float32))
+
+    return preprocess
+
+
+def _keras_spec(
+    name: str, module: str, constructor: str, *, native: int, min_size: int, channels: int, stride: int,
+    preprocessing: str, weights_file: str, precision: Precision,
+) -> BackboneSpec:
+    return BackboneSpec(
+        name=name, native_size=native, min_size=min_size, channels=channels, total_stride=stride,
+        preprocessing=preprocessing, notop_weights_file=weights_file, default_precision=precision,
+        build_base=_keras_app(module, constructor), preprocess=_keras_preprocess(module),
+    )
+
+
+_CAFFE = "caffe: RGB→BGR, minus ImageNet BGR mean, no scaling (keras.applications.<model>.preprocess_input)"
+_TF = "tf: x / 127.5 - 1 (keras.applications.<model>.preprocess_input)"
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        _keras_spec("vgg16", "vgg16", "VGG16", native=224, min_size=32, channels=512, stride=32,
+                    preprocessing=_CAFFE, weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                    precision="bfloat16"),
+        _keras_spec("resnet50", "resnet50", "ResNet50", native=224, min_size=32, channels=2048, stride=32,
+                    preprocessing=_CAFFE, weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                    precision="bfloat16"),
+        _keras_spec("mobilenet_v2", "mobilenet_v2", "MobileNetV2", native=224, min_size=32, channels=1280,
+                    stride=32, preprocessing=_TF,
+                    weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+                    precision="float32"),
+        _keras_spec("efficientnet_b0", "efficientnet", "EfficientNetB0", native=224, min_size=32, channels=1280,
+                    stride=32, preprocessing="none: the model rescales and normalises inside",
+                    weights_file="efficientnetb0_notop.h5", precision="float32"),
+        _keras_spec("inception_v3", "inception_v3", "InceptionV3", native=299, min_size=75, channels=2048,
+                    stride=32, preprocessing=_TF,
+                    weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", precision="bfloat16"),
+        _keras_spec("xception", "xception", "Xception", native=299, min_size=71, channels=2048, stride=32,
+                    preprocessing=_TF, weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                    precision="bfloat16"),
+    )
+}
+
+DEFAULT_BACKBONE = "vgg16"
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise SettingsError(f"Expected a backbone in {sorted(BACKBONES)}, got {name!r}") from None
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras keeps downloaded weights (`$KERAS_HOME/models`, default `~/.keras/models`)."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+class ResolvedWeights(BaseModel):
+    """Which weights a backbone gets, and where they came from."""
+
+    source: WeightsSource
+    file: str | None = Field(default=None, description="Weights file loaded; None for random init or a download.")
+
+    def describe(self) -> str:
+        return self.source if self.file is None else f"{self.source}: {self.file}"
+
+
+def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
+    """Apply the resolution order to the user's `--weights` (imagenet | none | PATH)."""
+    if weights == "none":
+        return ResolvedWeights(source="random")
+    if weights != "imagenet":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailableError(f"Weights file {path} does not exist")
+        if not path.name.endswith(".h5"):
+            raise SettingsError(f"Expected a Keras weights file (.weights.h5 or .h5), got {path.name}")
+        return ResolvedWeights(source="path", file=str(path.resolve()))
+    if spec.notop_weights_file:
+        cached = keras_cache_dir() / spec.notop_weights_file
+        if cached.is_file():
+            return ResolvedWeights(source="keras-cache", file=str(cached))
+    if spec.offline_weights is not None:
+        shipped = spec.offline_weights()
+        if shipped is not None:
+            return ResolvedWeights(source="offline-package", file=str(shipped))
+    if spec.notop_weights_file is None:
+        raise WeightsUnavailableError(f"No ImageNet weights for {spec.name}: install its weights package or pass --weights PATH")
+    return ResolvedWeights(source="download")
+
+
+def weights_available_offline(spec: BackboneSpec) -> WeightsSource | None:
+    """The source `imagenet` would use right now without a network, or None."""
+    if spec.notop_weights_file and (keras_cache_dir() / spec.notop_weights_file).is_file():
+        return "keras-cache"
+    if spec.offline_weights is not None and spec.offline_weights() is not None:
+        return "offline-package"
+    return None
+
+
+_POLICY_LOCK = threading.Lock()  # Keras' dtype policy is process-global while a model is built
+
+
+def build_feature_model(spec: BackboneSpec, *, image_size: int, pooling: Pooling, precision: Precision,
+                        weights: ResolvedWeights) -> object:
+    """The backbone without its classifier, pooled as asked, returning float32 features."""
+    import keras
+
+    if image_size < spec.min_size:
+        raise SettingsError(f"Expected --image-size of at least {spec.min_size} for {spec.name}, got {image_size}")
+    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[precision]
+    with _POLICY_LOCK:
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(policy)
+        try:
+            base = _build_base(spec, (image_size, image_size, 3), weights)
+            pooled = {
+                "flatten": keras.layers.Flatten(name="flatten_features"),
+                "avg": keras.layers.GlobalAveragePooling2D(name="avg_pool_features"),
+                "max": keras.layers.GlobalMaxPooling2D(name="max_pool_features"),
+            }[pooling](base.output)
+            # Features leave the model as float32 whatever the compute precision.
+            features = keras.layers.Activation("linear", dtype="float32", name="features")(pooled)
+            return keras.Model(base.input, features, name=f"{spec.name}_{pooling}")
+        finally:
+            keras.config.set_dtype_policy(previous)
+
+
+def _build_base(spec: BackboneSpec, input_shape: tuple[int, int, int], weights: ResolvedWeights) -> object:
+    if weights.source == "random":
+        return spec.build_base(input_shape, None)
+    if weights.source == "download":
+        try:
+            return spec.build_base(input_shape, "imagenet")
+        except Exception as error:  # Keras raises a bare Exception("URL fetch failure ...")
+            raise WeightsUnavailableError(
+                f"ImageNet weights for {spec.name} are not cached ({keras_cache_dir() / spec.notop_weights_file}) "
+                f"and could not be downloaded ({str(error).splitlines()[0][:160]}). Copy that file there, pass "
+                f"--weights PATH to a .h5 file, or use an offline backbone (transfer-flow backbones)."
+            ) from error
+    return spec.build_base(input_shape, weights.file)

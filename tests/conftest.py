@@ -1,0 +1,66 @@
+"""Shared fixtures: a real Prefect API for the session, and small real image datasets built on disk."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Three visually distinct classes, so that even random-weight features separate them.
+CLASS_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real (temporary) Prefect API for every test that runs a flow; started once, ~20 s."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_colour_images(folder: Path, colour: tuple[int, int, int], count: int, seed: int, size: int = 40) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        noise = rng.integers(-25, 26, size=(size, size, 3))
+        pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:03d}.{'png' if i % 2 else 'jpg'}")
+
+
+@pytest.fixture(scope="session")
+def colour_dataset(tmp_path_factory) -> Path:
+    """3 classes × 8 good images (mixed JPEG/PNG)."""
+    root = tmp_path_factory.mktemp("colours")
+    for k, (name, colour) in enumerate(CLASS_COLOURS.items()):
+        write_colour_images(root / name, colour, 8, seed=k)
+    return root
+
+
+@pytest.fixture(scope="session")
+def messy_dataset(tmp_path_factory) -> Path:
+    """The colour dataset plus broken files, odd image modes and files that are not images."""
+    root = tmp_path_factory.mktemp("messy")
+    for k, (name, colour) in enumerate(CLASS_COLOURS.items()):
+        write_colour_images(root / name, colour, 8, seed=10 + k)
+    red, green, blue = root / "red", root / "green", root / "blue"
+    (red / "empty.jpg").write_bytes(b"")
+    good = (green / "img_000.jpg").read_bytes()
+    (green / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (blue / "not_really.png").write_text("this is text, not a PNG")
+    # Odd but valid images: they must decode to RGB and produce rows.
+    Image.new("RGBA", (30, 30), (220, 30, 30, 128)).save(red / "rgba.png")
+    Image.new("CMYK", (30, 30), (0, 200, 200, 0)).save(red / "cmyk.jpg")
+    Image.new("L", (30, 30), 120).convert("P").save(blue / "palette.gif")
+    (red / "nested" / "2019").mkdir(parents=True)
+    Image.new("RGB", (30, 30), CLASS_COLOURS["red"]).save(red / "nested" / "2019" / "deep.JPG")
+    # Files that are not listed at all.
+    (root / "README.txt").write_text("top-level file")
+    (green / "notes.txt").write_text("not an image")
+    (blue / ".hidden.png").write_bytes(b"")
+    (root / "empty_class").mkdir()
+    return root

@@ -1,0 +1,73 @@
+"""The transfer-flow command as a user meets it: help, bad arguments, bad datasets, a real run."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import EXIT_USER_ERROR, main
+
+CLI = [sys.executable, "-m", "flows.cli"]
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["backbones"]])
+def test_every_command_explains_itself(command):
+    done = subprocess.run([*CLI, *command, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "usage: transfer-flow" in done.stdout
+
+
+def test_missing_dataset_is_one_line_without_traceback(tmp_path):
+    done = subprocess.run([*CLI, "run", str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_USER_ERROR
+    lines = [line for line in done.stderr.splitlines() if line.startswith("transfer-flow: error:")]
+    assert len(lines) == 1 and "does not exist" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_out_of_range_setting_names_the_option(tmp_path, capsys):
+    assert main(["run", str(tmp_path), "--output", str(tmp_path / "out"), "--test-size", "1.5"]) == EXIT_USER_ERROR
+    assert "--test-size" in capsys.readouterr().err
+
+
+def test_unknown_backbone_is_an_argument_error(tmp_path):
+    with pytest.raises(SystemExit) as caught:
+        main(["run", str(tmp_path), "--output", str(tmp_path / "out"), "--backbone", "alexnet"])
+    assert caught.value.code == 2
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception):
+        main(["--debug", "run", str(tmp_path / "nope"), "--output", str(tmp_path / "out")])
+
+
+def test_backbones_lists_every_backbone_and_its_offline_status(capsys):
+    from tasks.backbones import BACKBONES
+
+    assert main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    for name in BACKBONES:
+        assert name in out
+    assert "25088" in out  # vgg16 flatten at 224
+
+
+def test_run_on_a_messy_folder_lists_what_it_skipped(prefect_api, messy_dataset, tmp_path, capsys):
+    output = tmp_path / "out"
+    args = ["run", str(messy_dataset), "--output", str(output), "--backbone", "mobilenet_v2", "--weights", "none",
+            "--image-size", "32"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "skipped red/empty.jpg" in out and str(output / "report" / "report.md") in out
+    assert json.loads((output / "run.json").read_text())["images_extracted"] > 0
+    assert main(args) == EXIT_USER_ERROR  # the same output again: refused
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_bad_dataset_inside_the_flow_is_one_line(prefect_api, tmp_path, capsys):
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    (tmp_path / "data" / "only" / "a.png").write_bytes(b"")
+    assert main(["run", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--weights", "none"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "transfer-flow: error:" in err and "Traceback" not in err

@@ -1,0 +1,81 @@
+"""The whole flow under a real Prefect API, on a small dataset with broken and odd files."""
+import asyncio
+import json
+
+import pytest
+
+from flows.pipeline import transfer_learning
+from flows.settings import PipelineSettings
+from storage.errors import DatasetError, OutputExistsError
+from storage.feature_store import open_store, read_contents
+
+FAST = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def finished_run(prefect_api, messy_dataset, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run") / "out"
+    summary = transfer_learning(PipelineSettings(dataset=str(messy_dataset), output=str(output), **FAST))
+    return summary, output
+
+
+def test_run_summary_accounts_for_every_listed_image(finished_run):
+    summary, output = finished_run
+    on_disk = json.loads((output / "run.json").read_text())
+    assert on_disk == json.loads(summary.model_dump_json())
+    assert on_disk["images_listed"] == on_disk["images_extracted"] + len(on_disk["images_skipped"])
+    assert {s["path"] for s in on_disk["images_skipped"]} == {"red/empty.jpg", "green/truncated.jpg",
+                                                               "blue/not_really.png"}
+    assert all(s["reason"] for s in on_disk["images_skipped"])
+    assert on_disk["images_ignored"] == 3  # README.txt, notes.txt, .hidden.png
+    assert on_disk["dropped_classes"] == ["empty_class"]
+    assert on_disk["classes"] == ["blue", "green", "red"]
+    assert on_disk["weights_source"] == "random" and on_disk["backbone"] == "mobilenet_v2"
+    assert set(on_disk["seconds"]) == {"list", "extract", "train", "evaluate", "total"}
+
+
+def test_store_model_and_report_are_written(finished_run):
+    summary, output = finished_run
+    store = open_store(output / "features.h5")
+    assert store.n_rows == summary.images_extracted
+    assert set(read_contents(store).split) == {"train", "test"}
+    assert (output / "model" / "bundle.json").is_file() and (output / "model" / "head.skops").is_file()
+    metrics = json.loads((output / "report" / "metrics.json").read_text())
+    assert metrics["accuracy"] == summary.accuracy
+    assert metrics["n_train"] + metrics["n_test"] == summary.images_extracted
+    assert set(metrics["per_class"]) == {"blue", "green", "red"} and metrics["best_params"]["C"] > 0
+    assert "## Confusion matrix" in (output / "report" / "report.md").read_text()
+    assert (output / "report" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert (output / "manifest.json").is_file()
+
+
+def test_report_is_published_as_prefect_artifacts(finished_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read(key):
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    summary_artifacts = asyncio.run(read("evaluation-summary"))
+    assert summary_artifacts and f"{summary_artifacts[0].data}".count("accuracy") >= 1
+    assert asyncio.run(read("per-class-metrics"))
+
+
+def test_second_run_into_the_same_output_is_refused_without_overwrite(finished_run, messy_dataset):
+    _, output = finished_run
+    before = (output / "run.json").read_bytes()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        transfer_learning(PipelineSettings(dataset=str(messy_dataset), output=str(output), **FAST))
+    assert (output / "run.json").read_bytes() == before
+
+
+def test_dataset_with_one_class_is_a_clear_error(prefect_api, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / "only" / f"{i}.png")
+    with pytest.raises(DatasetError, match="class"):
+        transfer_learning(PipelineSettings(dataset=str(tmp_path / "data"), output=str(tmp_path / "out"), **FAST))
+    assert not (tmp_path / "out" / "features.h5").exists()
