@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -31,11 +32,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from storage.atomic import write_json, write_text
 from storage.errors import BundleError
-from storage.model_bundle import ModelBundle, load_bundle
+from storage.model_bundle import ModelBundle, load_bundle, load_head
 
 Metric = Literal["accuracy", "macro_f1"]
 Basis = Literal["first-model", "same-test-rows", "recorded-metrics", "same-model"]
@@ -66,6 +68,8 @@ class VersionEntry(BaseModel):
     feature_dim: int
     class_names: list[str]
     head_sha256: str
+    model_fingerprint: str = Field(description="Hash of the fitted head's parameters and arrays (skops files embed "
+                                               "timestamps, so equal models have different file hashes).")
     store_fingerprint: str
     metrics: dict[str, float] = Field(description="accuracy and macro_f1 on the run's own test split.")
     n_test: int
@@ -181,14 +185,15 @@ class ModelRegistry:
                  metrics: dict[str, float], n_test: int, train_rows: Sequence[str]) -> tuple[VersionEntry, bool]:
         """Copy a run's bundle (and report) in as the next version; returns (entry, is_new).
 
-        A bundle identical to a registered one (same head bytes, same feature rows) is not copied
+        A bundle equal to a registered one (same fitted head, same feature rows) is not copied
         again: that version is returned with is_new=False.
         """
         bundle = load_bundle(Path(bundle_dir))
         meta = bundle.metadata
+        fingerprint = model_fingerprint(bundle)
         with self.locked():
             for existing in self.versions():
-                if existing.head_sha256 == meta.head_sha256 and existing.store_fingerprint == meta.store_fingerprint:
+                if existing.model_fingerprint == fingerprint and existing.store_fingerprint == meta.store_fingerprint:
                     return existing, False
             versions = self.root / VERSIONS
             versions.mkdir(parents=True, exist_ok=True)
@@ -202,7 +207,7 @@ class ModelRegistry:
                 entry = VersionEntry(
                     version=f"v{number:04d}", registered=now(), dataset=str(dataset), run_output=str(run_output),
                     backbone=meta.backbone, weights_source=meta.weights_source, feature_dim=meta.feature_dim,
-                    class_names=meta.class_names, head_sha256=meta.head_sha256,
+                    class_names=meta.class_names, head_sha256=meta.head_sha256, model_fingerprint=fingerprint,
                     store_fingerprint=meta.store_fingerprint,
                     metrics={k: float(metrics[k]) for k in ("accuracy", "macro_f1")}, n_test=int(n_test),
                 )
@@ -256,6 +261,24 @@ def decision_markdown(decision: Decision) -> str:
     if decision.note:
         lines.append(f"- note: {decision.note}")
     return "\n".join(lines) + "\n"
+
+
+def model_fingerprint(bundle: ModelBundle) -> str:
+    """What the head computes: its class, hyper-parameters and fitted arrays (the `*_` attributes)."""
+    head = load_head(bundle)
+    digest = hashlib.sha256(type(head).__qualname__.encode())
+    params = head.get_params(deep=False) if hasattr(head, "get_params") else {}
+    digest.update(json.dumps(params, sort_keys=True, default=str).encode())
+    for name in sorted(vars(head)):
+        if not name.endswith("_") or name.startswith("_"):
+            continue
+        value = getattr(head, name)
+        digest.update(f"\n{name}\0".encode())
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            digest.update(f"{value.dtype.str}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()[:16]
 
 
 def _version_number(name: str) -> int:

@@ -35,7 +35,8 @@ def store(tmp_path):
 
 
 def make_run(tmp_path: Path, name: str, *, quality: str, accuracy: float = 0.9, macro_f1: float = 0.9,
-             weights_source: str = "path: /weights/mobilenet_v2.weights.h5", C: float = 1.0) -> dict:
+             weights_source: str = "path: /weights/mobilenet_v2.weights.h5", C: float = 1.0,
+             store: str | None = None) -> dict:
     """A run's bundle and report: `quality` good (true labels) or bad (labels scrambled)."""
     features, labels = blobs(10, seed=1)
     if quality == "bad":
@@ -44,7 +45,7 @@ def make_run(tmp_path: Path, name: str, *, quality: str, accuracy: float = 0.9, 
     bundle = save_bundle(tmp_path / name / "model", head, BundleMetadata(
         backbone="mobilenet_v2", weights_source=weights_source, image_size=32, pooling="avg", precision="float32",
         preprocessing="mobilenet_v2", feature_dim=2, class_names=CLASSES, head="logreg", head_params={"C": C},
-        store_fingerprint=f"store-{name}"))
+        store_fingerprint=f"store-{store or name}"))
     report = tmp_path / name / "report"
     report.mkdir()
     (report / "report.md").write_text("# transfer-flow report\n")
@@ -146,13 +147,13 @@ def test_recorded_metrics_are_compared_when_features_differ_and_the_decision_say
 # Registry mechanics ------------------------------------------------------------------------------
 
 
-def test_an_identical_bundle_is_not_registered_twice_and_is_not_promoted_over_itself(tmp_path, store):
+def test_the_same_model_trained_again_is_not_a_new_version_nor_promoted_over_itself(tmp_path, store):
     registry = ModelRegistry(tmp_path / "registry")
-    run = make_run(tmp_path, "a", quality="good")
-    entry = register(registry, run)
+    entry = register(registry, make_run(tmp_path, "a", quality="good"))
     decide(registry, entry, store, PromotionPolicy())
-    again, is_new = registry.register(run["bundle_dir"], run["report_dir"], dataset=run["dataset"],
-                                      run_output=run["run_output"], metrics=run["metrics"], n_test=15, train_rows=[])
+    rerun = make_run(tmp_path, "nightly", quality="good", store="a")  # same rows, same fit, a new skops file
+    again, is_new = registry.register(rerun["bundle_dir"], rerun["report_dir"], dataset=rerun["dataset"],
+                                      run_output=rerun["run_output"], metrics=rerun["metrics"], n_test=15, train_rows=[])
     assert not is_new and again.version == "v0001" and len(registry.versions()) == 1
     decision = decide(registry, again, store, PromotionPolicy())
     assert decision.basis == "same-model" and not decision.promoted
