@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -36,6 +35,11 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
                         help="fraction of each class held out (default: %(default)s; train/ and test/ folders win)")
     parser.add_argument("--seed", type=int, default=fields["seed"].default, metavar="N",
                         help="seed of shuffle, split and cross-validation (default: %(default)s)")
+    parser.add_argument("--refresh", action="append", default=[], metavar="STAGE",
+                        choices=["hash", "extract", "train", "report", "all"],
+                        help="recompute STAGE (hash, extract, train, report or all) even if its cache is valid; repeatable")
+    parser.add_argument("--wait", action="store_true",
+                        help="if another run is writing to the same output, wait for it instead of failing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", required=True, metavar="DIR",
                      help="folder for features.h5, manifest.json, model/, report/ and run.json")
     _add_pipeline_options(run)
-    run.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in DIR")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace outputs in DIR that are not from an earlier run on DATASET (those are updated anyway)")
 
     demo = commands.add_parser("demo", help="run the pipeline offline on the embedded digits dataset",
                                description="Write scikit-learn's 1,797 handwritten digits as PNG class folders under "
-                                           "DIR/dataset, then run the pipeline into DIR/run (replacing an earlier demo's run).")
+                                           "DIR/dataset, then run the pipeline into DIR/run (a second demo reuses the first's work).")
     demo.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="default: %(default)s")
     _add_pipeline_options(demo)
 
@@ -73,15 +78,16 @@ def _settings(args: argparse.Namespace, dataset: str, output: str, overwrite: bo
 
     return PipelineSettings(dataset=dataset, output=output, backbone=args.backbone, weights=args.weights,
                             image_size=args.image_size, pooling=args.pooling, precision=args.precision,
-                            batch_size=args.batch_size, test_size=args.test_size, seed=args.seed, overwrite=overwrite)
+                            batch_size=args.batch_size, test_size=args.test_size, seed=args.seed, overwrite=overwrite,
+                            refresh=args.refresh, wait=args.wait)
 
 
 def _run_pipeline(settings) -> int:
     from flows.pipeline import transfer_learning
 
     summary = transfer_learning(settings)
-    print(f"\naccuracy {summary.accuracy:.4f}, macro F1 {summary.macro_f1:.4f} "
-          f"({summary.images_extracted} images extracted, {len(summary.images_skipped)} skipped)")
+    print(f"\naccuracy {summary.accuracy:.4f}, macro F1 {summary.macro_f1:.4f} ({summary.images_extracted} images "
+          f"extracted, {summary.images_reused} reused, {len(summary.images_skipped)} skipped)")
     for skipped in summary.images_skipped:
         print(f"  skipped {skipped.path}: {skipped.reason}")
     print(f"report:  {Path(summary.report) / 'report.md'}")
@@ -94,11 +100,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     root = Path(args.output)
     dataset = write_digits_dataset(root / "dataset")
-    run_dir = root / "run"
-    previous = run_dir / "run.json"
-    # Replace only an earlier demo's run, recognised by its run.json naming this demo's dataset.
-    is_earlier_demo = previous.is_file() and json.loads(previous.read_text()).get("dataset") == str(dataset.resolve())
-    return _run_pipeline(_settings(args, str(dataset), str(run_dir), overwrite=is_earlier_demo))
+    # A second demo into the same folder updates the first (a warm rerun: nothing is re-extracted).
+    return _run_pipeline(_settings(args, str(dataset), str(root / "run"), overwrite=False))
 
 
 def _backbones() -> int:

@@ -12,6 +12,7 @@ from tasks.extraction import ExtractionSettings
 from tasks.training import TrainingSettings
 
 BackboneName = Literal[tuple(BACKBONES)]  # an enum in the UI form
+RefreshStage = Literal["hash", "extract", "train", "report", "all"]
 
 
 class PipelineSettings(BaseModel):
@@ -27,7 +28,12 @@ class PipelineSettings(BaseModel):
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
     test_size: float = Field(default=0.25, gt=0, lt=1, description="Fraction of each class held out for evaluation (ignored with train/ and test/ folders).")
     seed: int = Field(default=42, description="Seed of the shuffle, the split and cross-validation.")
-    overwrite: bool = Field(default=False, description="Replace the outputs of an earlier run in the same folder.")
+    overwrite: bool = Field(default=False, description="Replace outputs in the folder that are not an earlier run on this dataset.")
+    refresh: list[RefreshStage] = Field(default_factory=list, description="Stages to recompute even when their cache is valid.")
+    wait: bool = Field(default=False, description="If another run is writing to the output folder, wait for it instead of failing.")
+
+    def refreshes(self, stage: str) -> bool:
+        return stage in self.refresh or "all" in self.refresh
 
     @field_validator("dataset")
     @classmethod

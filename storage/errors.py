@@ -39,3 +39,7 @@ class UnreadableImageError(TransferFlowError, ValueError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class OutputLockedError(TransferFlowError, BlockingIOError):
+    """Another run is writing to the same output folder."""

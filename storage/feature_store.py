@@ -35,9 +35,10 @@ class FeatureStore(BaseModel):
     attrs: dict[str, Any] = Field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        """Identifies the rows: the extraction settings and the manifest they came from."""
-        return hashlib.sha256(json.dumps([self.n_rows, self.feature_dim, self.attrs], sort_keys=True,
-                                         default=str).encode()).hexdigest()[:16]
+        """Identifies the rows by content: the extraction settings and the manifest they came from."""
+        identity = [self.attrs.get("extraction_key"), self.attrs.get("manifest_fingerprint"), self.n_rows,
+                    self.feature_dim, self.label_names]
+        return hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:16]
 
 
 class StoreContents(BaseModel, arbitrary_types_allowed=True):
@@ -47,6 +48,7 @@ class StoreContents(BaseModel, arbitrary_types_allowed=True):
     label_names: list[str]
     paths: list[str]
     split: list[str]
+    hashes: list[str]
     attrs: dict[str, Any]
 
 
@@ -73,23 +75,27 @@ class HDF5FeatureWriter:
         self.labels = file.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
         self.paths = file.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=text, chunks=(4096,))
         self.split = file.create_dataset("split", shape=(0,), maxshape=(None,), dtype=text, chunks=(4096,))
+        self.hashes = file.create_dataset("hashes", shape=(0,), maxshape=(None,), dtype=text, chunks=(4096,))
         file.create_dataset("label_names", data=np.array(list(label_names), dtype=object), dtype=text)
         self.n_rows = 0
 
-    def append(self, features: np.ndarray, labels: np.ndarray, paths: Sequence[str], split: Sequence[str]) -> None:
+    def append(self, features: np.ndarray, labels: np.ndarray, paths: Sequence[str], split: Sequence[str],
+               hashes: Sequence[str] | None = None) -> None:
         n = len(features)
-        if not (n == len(labels) == len(paths) == len(split)):
+        hashes = [""] * n if hashes is None else hashes
+        if not (n == len(labels) == len(paths) == len(split) == len(hashes)):
             raise StoreError(f"Expected equal row counts, got {n} features, {len(labels)} labels, "
-                             f"{len(paths)} paths, {len(split)} split values")
+                             f"{len(paths)} paths, {len(split)} split values, {len(hashes)} hashes")
         if n == 0:
             return
         end = self.n_rows + n
-        for dataset in (self.features, self.labels, self.paths, self.split):
+        for dataset in (self.features, self.labels, self.paths, self.split, self.hashes):
             dataset.resize(end, axis=0)
         self.features[self.n_rows:end] = features
         self.labels[self.n_rows:end] = labels
         self.paths[self.n_rows:end] = list(paths)
         self.split[self.n_rows:end] = list(split)
+        self.hashes[self.n_rows:end] = list(hashes)
         self.n_rows = end
 
 
@@ -145,6 +151,7 @@ def read_contents(store: FeatureStore) -> StoreContents:
             label_names=list(file["label_names"].asstr()[:]),
             paths=list(file["paths"].asstr()[:]) if "paths" in file else [""] * n,
             split=list(file["split"].asstr()[:]) if "split" in file else [""] * n,
+            hashes=list(file["hashes"].asstr()[:]) if "hashes" in file else [""] * n,
             attrs={k: _plain(v) for k, v in file.attrs.items()},
         )
 

@@ -19,6 +19,8 @@ class ImageRecord(BaseModel):
     label: str = Field(description="Class name: the first folder level under the root (or under train/, test/, val/).")
     size: int = Field(description="File size in bytes.")
     mtime_ns: int = Field(description="Modification time in nanoseconds.")
+    ctime_ns: int = Field(default=0, description="Inode change time: moves on any write, even when mtime is set back.")
+    content_hash: str = Field(default="", description="BLAKE2b of the file's bytes (hex, 128 bits); empty until hashed.")
     split: Split | None = Field(default=None, description="Split given by the folder layout, or assigned by the split task.")
 
 
@@ -33,11 +35,11 @@ class Manifest(BaseModel):
     folder_splits: bool = Field(default=False, description="True when train/ and test/ folders define the split.")
 
     def fingerprint(self) -> str:
-        """Content fingerprint: changes when any listed file's path, label, size, mtime or split changes."""
+        """Content fingerprint: changes when any image's bytes, path, class or split change (not its mtime)."""
         digest = hashlib.sha256()
         digest.update("\0".join(self.class_names).encode())
-        for r in self.records:
-            digest.update(f"\n{r.path}\0{r.label}\0{r.size}\0{r.mtime_ns}\0{r.split}".encode())
+        for r in sorted(self.records, key=lambda r: r.path):
+            digest.update(f"\n{r.path}\0{r.label}\0{r.content_hash}\0{r.split}".encode())
         return digest.hexdigest()[:16]
 
     def label_index(self, label: str) -> int:

@@ -34,6 +34,8 @@ class BundleMetadata(BaseModel):
     head: str
     head_params: dict[str, Any] = Field(default_factory=dict)
     store_fingerprint: str
+    stage_key: str = Field(default="", description="Cache key of the training that made this bundle.")
+    training_summary: dict[str, Any] = Field(default_factory=dict, description="n_train, best_params, cv_score.")
     head_sha256: str = ""
     created: str = ""
     library_versions: dict[str, str] = Field(default_factory=dict)
@@ -90,6 +92,12 @@ def load_head(bundle: ModelBundle) -> Any:
     if unexpected:
         raise BundleError(f"{bundle.path}/{HEAD_FILE} contains unexpected types: {', '.join(unexpected)}")
     return sio.loads(payload, trusted=untrusted)
+
+
+def head_matches(bundle: ModelBundle) -> bool:
+    """The head file is there and is the one bundle.json describes."""
+    head = Path(bundle.path) / HEAD_FILE
+    return head.is_file() and hashlib.sha256(head.read_bytes()).hexdigest() == bundle.metadata.head_sha256
 
 
 def load_bundle(directory: Path) -> ModelBundle:

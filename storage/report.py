@@ -47,6 +47,14 @@ def _confusion_png(target: Path, class_names: list[str], confusion: list[list[in
     plt.close(figure)
 
 
+def read_report_key(report_dir: Path) -> str | None:
+    """The stage key recorded in an existing report, or None if there is no complete report."""
+    try:
+        return json.loads((Path(report_dir) / "metrics.json").read_text())["stage_key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def write_report(report_dir: Path, metrics: dict[str, Any], classification_text: str, *, overwrite: bool) -> Path:
     """Write the report directory atomically; `metrics` must hold class_names and confusion."""
     report_dir = Path(report_dir)

@@ -14,11 +14,17 @@ class SkippedImageRecord(BaseModel):
 
 
 class StageSeconds(BaseModel):
-    list: float
+    list: float = Field(description="Listing, hashing and splitting.")
     extract: float
     train: float
-    evaluate: float
+    evaluate: float = Field(description="Evaluation and report.")
     total: float
+
+
+class StageCached(BaseModel):
+    extract: bool
+    train: bool
+    report: bool
 
 
 class RunSummary(BaseModel):
@@ -26,8 +32,9 @@ class RunSummary(BaseModel):
     store: str = Field(description="Path of the feature store.")
     model: str
     report: str
-    images_listed: int
-    images_extracted: int
+    images_listed: int = Field(description="= images_extracted + images_reused + len(images_skipped)")
+    images_extracted: int = Field(description="Images decoded and run through the backbone by this run.")
+    images_reused: int = Field(description="Rows reused from an earlier run with the same extraction settings.")
     images_skipped: list[SkippedImageRecord]
     images_ignored: int = Field(description="Files under the dataset that are not listed images (hidden, non-image, top-level...).")
     ignored_by_reason: dict[str, int]
@@ -40,6 +47,8 @@ class RunSummary(BaseModel):
     pooling: str
     accuracy: float
     macro_f1: float
+    images_hashed: int = Field(description="Files whose bytes were read to hash them (the others were unchanged).")
+    cached: StageCached = Field(description="Per stage: was its output reused rather than recomputed?")
     seconds: StageSeconds
 
     def save(self, target: Path) -> Path:

@@ -150,10 +150,20 @@ class ResolvedWeights(BaseModel):
     """Which weights a backbone gets, and where they came from."""
 
     source: WeightsSource
-    file: str | None = Field(default=None, description="Weights file loaded; None for random init or a download.")
+    file: str | None = Field(default=None, description="Weights file loaded (for a download: where it lands); None for random init.")
 
     def describe(self) -> str:
         return self.source if self.file is None else f"{self.source}: {self.file}"
+
+    def identity(self) -> str:
+        """What fixes the weights' values, independent of where the file sits."""
+        if self.source == "random":
+            return f"random-seed{RANDOM_INIT_SEED}"
+        if self.source == "path":  # a user's file can change under the same name
+            stat = Path(self.file).stat()
+            return f"{Path(self.file).name}:{stat.st_size}:{stat.st_mtime_ns}"
+        # Cache and package files are named for their content (Keras' published files, hashed conversions).
+        return Path(self.file).name if self.file else "download"
 
 
 def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
@@ -177,7 +187,8 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
     if spec.download_file is None:
         raise WeightsUnavailableError(f"No ImageNet weights for {spec.name} on this machine: {spec.install_hint}, "
                                       "or pass --weights PATH (or --weights none for random init)")
-    return ResolvedWeights(source="download")
+    # Named for where the download lands, so the next run (then a cache hit) has the same identity.
+    return ResolvedWeights(source="download", file=str(keras_cache_dir() / spec.download_file))
 
 
 def weights_available_offline(spec: BackboneSpec) -> str | None:
@@ -189,6 +200,7 @@ def weights_available_offline(spec: BackboneSpec) -> str | None:
     return None
 
 
+RANDOM_INIT_SEED = 0  # random init is seeded, so `--weights none` rows are reproducible and cacheable
 _POLICY_LOCK = threading.Lock()  # Keras' dtype policy is process-global while a model is built
 
 
@@ -219,6 +231,9 @@ def build_feature_model(spec: BackboneSpec, *, image_size: int, pooling: Pooling
 
 def _build_base(spec: BackboneSpec, input_shape: tuple[int, int, int], weights: ResolvedWeights) -> object:
     if weights.source == "random":
+        import keras
+
+        keras.utils.set_random_seed(RANDOM_INIT_SEED)
         return spec.build_base(input_shape, None)
     if weights.source == "download":
         try:

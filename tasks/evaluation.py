@@ -1,6 +1,7 @@
 """Evaluation: a trained bundle on the store's test rows → metrics and a confusion matrix."""
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -8,7 +9,7 @@ from pydantic import BaseModel
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 from storage.errors import BundleError, DatasetError
-from storage.feature_store import FeatureStore, read_contents, read_features
+from storage.feature_store import FeatureStore, package_version, read_contents, read_features
 from storage.model_bundle import ModelBundle, load_head
 
 
@@ -23,6 +24,12 @@ class Evaluation(BaseModel):
     classification_report: str
     best_params: dict[str, float]
     seconds: float
+
+
+def report_key(bundle: ModelBundle, store: FeatureStore) -> str:
+    """Identifies an evaluation: which head on which rows, by which code."""
+    identity = f"{bundle.metadata.head_sha256}:{store.fingerprint()}:{package_version()}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -> Evaluation:

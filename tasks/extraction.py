@@ -1,6 +1,8 @@
 """Extraction: images of a Manifest → rows of a FeatureStore, batched, with decoding run ahead of inference."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -13,9 +15,10 @@ import numpy as np
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from storage.errors import UnreadableImageError
-from storage.feature_store import FeatureStore, create_store, open_store
+from storage.errors import OutputExistsError, StoreError, UnreadableImageError
+from storage.feature_store import FeatureStore, create_store, open_store, package_version, rows_per_chunk
 from storage.manifest import ImageRecord, Manifest
+from storage.row_cache import RowCache
 from tasks.backbones import Pooling, Precision, ResolvedWeights, build_feature_model, get_backbone, resolve_weights
 from tasks.images import decode_image
 from tasks.logs import stage_logger
@@ -45,11 +48,26 @@ class SkippedImage(BaseModel):
 
 class ExtractionResult(BaseModel):
     store: FeatureStore
-    images_extracted: int
+    images_extracted: int = Field(description="Images decoded and run through the backbone by this run.")
+    images_reused: int = Field(description="Rows taken from an earlier run with the same settings.")
     images_skipped: list[SkippedImage]
     weights: ResolvedWeights
     precision: Precision
+    extraction_key: str
+    cached: bool = Field(default=False, description="The whole store was already complete: nothing was read or written.")
     seconds: float
+
+
+EXTRACTION_CODE_VERSION = 1  # bump when decoding or feature computation changes the values of a row
+SHARD_IMAGES = 512  # images per committed shard: the most a killed run can lose
+
+
+def extraction_key(settings: ExtractionSettings, weights: ResolvedWeights) -> str:
+    """Identifies the values of a row: settings, weights identity and code version (never the dataset)."""
+    spec = get_backbone(settings.backbone)
+    parts = [spec.name, weights.identity(), settings.resolved_size(), settings.pooling, settings.resolved_precision(),
+             spec.preprocessing, RESIZE, EXTRACTION_CODE_VERSION, package_version()]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 class FeatureExtractor:
@@ -96,32 +114,107 @@ def _batches(records: Sequence[ImageRecord], size: int) -> Iterator[Sequence[Ima
         yield records[start:start + size]
 
 
+RESIZE = "bilinear, straight to image_size (no crop)"
+
+
+def reusable_store(store_path: Path, key: str) -> FeatureStore | None:
+    """The store at `store_path` if it is complete, readable and made with extraction settings `key`."""
+    if not Path(store_path).is_file():
+        return None
+    try:
+        store = open_store(store_path)
+    except StoreError:
+        return None
+    return store if store.attrs.get("extraction_key") == key else None
+
+
+def _is_store(path: Path) -> bool:
+    try:
+        open_store(path)
+        return True
+    except StoreError:
+        return False
+
+
 def extract_features(manifest: Manifest, store_path: Path, settings: ExtractionSettings, *,
-                     overwrite: bool = False, decode_threads: int | None = None,
-                     prefetch_batches: int = 2) -> ExtractionResult:
-    """Extract every listed image into a new store at `store_path`; broken images are skipped with a reason."""
+                     refresh: bool = False, decode_threads: int | None = None,
+                     prefetch_batches: int = 2, shard_images: int = SHARD_IMAGES) -> ExtractionResult:
+    """Bring the store at `store_path` up to date with the manifest: only images whose content is not yet
+    there (for these settings) are decoded; broken ones are skipped with a reason; rows of images no
+    longer listed leave. The store is replaced atomically; committed shards make a killed run resumable.
+    """
     started = time.perf_counter()
     spec = get_backbone(settings.backbone)
     weights = resolve_weights(spec, settings.weights)
+    key = extraction_key(settings, weights)
     extractor = FeatureExtractor(settings, weights)
-    size = extractor.image_size
-    root = Path(manifest.root)
+    fingerprint = manifest.fingerprint()
+    if Path(store_path).exists() and not _is_store(store_path):
+        raise OutputExistsError(f"{store_path} exists and is not a feature store: refusing to replace it")
+    previous = None if refresh else reusable_store(store_path, key)
+    if previous is not None and previous.attrs.get("manifest_fingerprint") == fingerprint:
+        reasons = json.loads(previous.attrs.get("skipped", "{}"))
+        return ExtractionResult(
+            store=previous, images_extracted=0, images_reused=previous.n_rows,
+            images_skipped=[SkippedImage(path=r.path, reason=reasons[r.content_hash])
+                            for r in manifest.records if r.content_hash in reasons],
+            weights=weights, precision=settings.resolved_precision(), extraction_key=key, cached=True,
+            seconds=time.perf_counter() - started)
+
+    cache = RowCache(Path(f"{store_path}.{key}.parts"), extractor.feature_dim)
+    if refresh:
+        cache.clear()
+    cache.load(previous.path if previous is not None else None)
+    todo: dict[str, ImageRecord] = {}
+    for record in manifest.records:
+        if record.content_hash not in cache.rows and record.content_hash not in cache.skipped:
+            todo.setdefault(record.content_hash, record)  # identical files are extracted once
+    _extract_into_shards(list(todo.values()), Path(manifest.root), extractor, cache, decode_threads, prefetch_batches,
+                         shard_images)
+
+    kept = [r for r in manifest.records if r.content_hash in cache.rows]
+    skipped = {r.content_hash: cache.skipped[r.content_hash] for r in manifest.records if r.content_hash in cache.skipped}
     attrs = {
-        "backbone": spec.name, "weights_source": weights.describe(), "image_size": size,
-        "pooling": settings.pooling, "precision": settings.resolved_precision(),
-        "preprocessing": spec.preprocessing, "resize": "bilinear, straight to image_size (no crop)",
-        "dataset_root": manifest.root, "manifest_fingerprint": manifest.fingerprint(),
+        "backbone": spec.name, "weights_source": weights.describe(), "image_size": extractor.image_size,
+        "pooling": settings.pooling, "precision": settings.resolved_precision(), "preprocessing": spec.preprocessing,
+        "resize": RESIZE, "dataset_root": manifest.root, "manifest_fingerprint": fingerprint, "extraction_key": key,
+        "skipped": json.dumps(skipped),
     }
-    skipped: list[SkippedImage] = []
+    block = 8 * rows_per_chunk(extractor.feature_dim)
+    with create_store(store_path, feature_dim=extractor.feature_dim, label_names=manifest.class_names, attrs=attrs,
+                      overwrite=True) as writer:
+        hashes = [r.content_hash for r in kept]
+        for start, features in zip(range(0, len(kept), block), cache.gather(hashes, block)):
+            rows = kept[start:start + block]
+            writer.append(features, np.array([manifest.label_index(r.label) for r in rows], dtype=np.int64),
+                          [r.path for r in rows], [r.split or "" for r in rows], [r.content_hash for r in rows])
+    cache.clear()
+    extracted = sum(1 for r in kept if r.content_hash in todo)
+    return ExtractionResult(
+        store=open_store(store_path), images_extracted=extracted, images_reused=len(kept) - extracted,
+        images_skipped=[SkippedImage(path=r.path, reason=skipped[r.content_hash])
+                        for r in manifest.records if r.content_hash in skipped],
+        weights=weights, precision=settings.resolved_precision(), extraction_key=key,
+        seconds=time.perf_counter() - started)
+
+
+def _extract_into_shards(records: Sequence[ImageRecord], root: Path, extractor: FeatureExtractor, cache: RowCache,
+                         decode_threads: int | None, prefetch_batches: int, shard_images: int) -> None:
+    """Decode (threads, running `prefetch_batches` ahead) and extract `records`, committing a shard every `shard_images`."""
+    if not records:
+        return
+    size = extractor.image_size
+    batch_size = extractor.settings.batch_size
     threads = decode_threads or min(8, (os.cpu_count() or 2) * 2)
-    progress = tqdm(total=len(manifest.records), unit="img", desc="extract", disable=not sys.stderr.isatty())
-    done = 0
-    next_log = 0.0
     log = stage_logger()
-    with create_store(store_path, feature_dim=extractor.feature_dim, label_names=manifest.class_names,
-                      attrs=attrs, overwrite=overwrite) as writer, ThreadPoolExecutor(threads) as pool:
+    progress = tqdm(total=len(records), unit="img", desc="extract", disable=not sys.stderr.isatty())
+    done, next_log = 0, 0.0
+    shard_hashes: list[str] = []
+    shard_features: list[np.ndarray] = []
+    shard_skipped: dict[str, str] = {}
+    with ThreadPoolExecutor(threads) as pool:
         pending: deque[tuple[Sequence[ImageRecord], list[Future]]] = deque()
-        batches = _batches(manifest.records, settings.batch_size)
+        batches = _batches(records, batch_size)
 
         def submit_next() -> None:
             batch = next(batches, None)
@@ -138,21 +231,21 @@ def extract_features(manifest: Manifest, store_path: Path, settings: ExtractionS
             for record, future in zip(batch, futures):
                 decoded = future.result()
                 if isinstance(decoded, str):
-                    skipped.append(SkippedImage(path=record.path, reason=decoded))
+                    shard_skipped[record.content_hash] = decoded
                 else:
                     good.append(record)
                     images.append(decoded)
             if images:
-                writer.append(extractor(np.stack(images)),
-                              np.array([manifest.label_index(r.label) for r in good], dtype=np.int64),
-                              [r.path for r in good], [r.split or "" for r in good])
-            progress.update(len(batch))
+                shard_features.append(extractor(np.stack(images)))
+                shard_hashes.extend(r.content_hash for r in good)
             done += len(batch)
-            if progress.disable and done / max(1, len(manifest.records)) >= next_log:
+            if len(shard_hashes) + len(shard_skipped) >= shard_images or not pending:
+                cache.commit_shard(shard_hashes, np.concatenate(shard_features) if shard_features else
+                                   np.empty((0, extractor.feature_dim), np.float32), shard_skipped)
+                shard_hashes, shard_features, shard_skipped = [], [], {}
+            progress.update(len(batch))
+            if progress.disable and done / len(records) >= next_log:
                 # Not a terminal: a plain line every 10% instead of a progress bar.
-                log.info("extract: %d/%d images", done, len(manifest.records))
+                log.info("extract: %d/%d images", done, len(records))
                 next_log += 0.1
     progress.close()
-    store = open_store(store_path)
-    return ExtractionResult(store=store, images_extracted=store.n_rows, images_skipped=skipped, weights=weights,
-                            precision=settings.resolved_precision(), seconds=time.perf_counter() - started)

@@ -216,6 +216,7 @@ def _record(found: _FileFound, folder_splits: bool) -> ImageRecord:
         label=parts[1] if folder_splits else parts[0],
         size=found.stat.st_size,
         mtime_ns=found.stat.st_mtime_ns,
+        ctime_ns=found.stat.st_ctime_ns,
         split=parts[0] if folder_splits else None,
     )
 

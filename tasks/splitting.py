@@ -1,14 +1,26 @@
-"""Split: assign every record of a Manifest to train or test (folder layout first, else seeded and stratified)."""
+"""Split: assign every record of a Manifest to train or test (folder layout first, else by content hash).
+
+Without train/ and test/ folders an image is in test when a seeded hash of its *content* falls below
+`test_size`: stratified in expectation, and stable as the dataset grows (adding images never moves
+an existing image to the other side, and identical files always land on the same side). Small
+classes get two exact-count corrections so that every class has at least one test image and
+`MIN_TRAIN_PER_CLASS` training images; only those corrected images can move when their class grows.
+"""
 from __future__ import annotations
 
-from collections import Counter
-
-from sklearn.model_selection import train_test_split
+import hashlib
+from collections import Counter, defaultdict
 
 from storage.errors import DatasetError, SettingsError
-from storage.manifest import Manifest
+from storage.manifest import ImageRecord, Manifest
 
 MIN_TRAIN_PER_CLASS = 2  # cross-validation over C needs two folds' worth of each class
+
+
+def hash_unit(content_hash: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the image's bytes and the seed."""
+    digest = hashlib.blake2b(f"{seed}:{content_hash}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def split_manifest(manifest: Manifest, *, test_size: float, seed: int) -> Manifest:
@@ -19,20 +31,24 @@ def split_manifest(manifest: Manifest, *, test_size: float, seed: int) -> Manife
         _check_folder_splits(manifest)
         return manifest
     counts = Counter(r.label for r in manifest.records)
-    too_small = {label: n for label, n in sorted(counts.items()) if n - max(1, round(n * test_size)) < MIN_TRAIN_PER_CLASS}
+    too_small = {label: n for label, n in sorted(counts.items()) if n < MIN_TRAIN_PER_CLASS + 1}
     if too_small:
         listed = ", ".join(f"{label} ({n})" for label, n in too_small.items())
-        raise DatasetError(f"Classes too small for a {test_size:.0%} test split (each needs at least "
-                           f"{MIN_TRAIN_PER_CLASS} training images and 1 test image): {listed}")
-    labels = [r.label for r in manifest.records]
-    try:
-        train_idx, test_idx = train_test_split(range(len(labels)), test_size=test_size, stratify=labels,
-                                               random_state=seed)
-    except ValueError as error:  # e.g. fewer test rows than classes
-        raise DatasetError(f"Cannot split {len(labels)} images over {len(counts)} classes with "
-                           f"--test-size {test_size}: {error}") from error
-    assignment = {i: "train" for i in train_idx} | {i: "test" for i in test_idx}
-    records = [r.model_copy(update={"split": assignment[i]}) for i, r in enumerate(manifest.records)]
+        raise DatasetError(f"Classes too small to split (each needs at least {MIN_TRAIN_PER_CLASS} training "
+                           f"images and 1 test image): {listed}")
+    if any(not r.content_hash for r in manifest.records):
+        raise ValueError("split_manifest needs content hashes: run tasks.hashing.hash_manifest first")
+    by_class: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in manifest.records:
+        by_class[record.label].append(record)
+    assignment: dict[str, str] = {}
+    for records in by_class.values():
+        ranked = sorted(records, key=lambda r: (hash_unit(r.content_hash, seed), r.path))
+        n_test = sum(hash_unit(r.content_hash, seed) < test_size for r in ranked)
+        n_test = min(max(n_test, 1), len(ranked) - MIN_TRAIN_PER_CLASS)
+        for i, record in enumerate(ranked):
+            assignment[record.path] = "test" if i < n_test else "train"
+    records = [r.model_copy(update={"split": assignment[r.path]}) for r in manifest.records]
     return manifest.model_copy(update={"records": records})
 
 

@@ -1,43 +1,58 @@
 """The pipeline's stages as Prefect tasks, named for the data they produce.
 
 Each wraps a plain function from this room, so the work stays testable without Prefect.
-Caching is off until stage keys are content fingerprints (see issue #4): Prefect's default
-policy hashes arguments (a path string), not the files behind them, and would serve stale output.
+
+Caching: every stage function is itself incremental and content-addressed (it reuses its artefact
+when the artefact records the same stage key). On top, the stages with an artefact use Prefect's
+cache with persisted (JSON) results, keyed by content: the key function returns a key only when
+the artefact on disk still exists and records that key, so Prefect never serves a result whose
+file was deleted or replaced: it runs the stage instead. Prefect's default policy would hash the
+arguments (a path string), not the files behind them.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.context import TaskRunContext
 
 from storage.manifest import Manifest
 from storage.output_layout import OutputLayout
-from storage.report import summary_markdown, write_report
+from storage.report import read_report_key, summary_markdown, write_report
 from storage.run_summary import RunSummary
-from tasks.evaluation import Evaluation, evaluate_bundle
-from tasks.extraction import ExtractionResult, ExtractionSettings, extract_features
+from tasks.backbones import get_backbone, resolve_weights
+from tasks.evaluation import Evaluation, evaluate_bundle, report_key
+from tasks.extraction import ExtractionResult, ExtractionSettings, extract_features, extraction_key, reusable_store
+from tasks.hashing import HashingStats, hash_manifest
 from tasks.listing import list_dataset
 from tasks.logs import stage_logger
 from tasks.splitting import split_manifest
-from tasks.training import TrainingResult, TrainingSettings, train_head
+from tasks.training import TrainingResult, TrainingSettings, reusable_bundle, train_head, training_key
+
+CACHED_RESULTS = dict(persist_result=True, result_serializer="json")
 
 
 @task(name="claim output", cache_policy=NONE)
-def claimed_output(output: str, overwrite: bool) -> OutputLayout:
+def claimed_output(output: str, dataset: str, overwrite: bool) -> OutputLayout:
     layout = OutputLayout(root=output)
-    layout.claim(overwrite=overwrite)
+    layout.claim(dataset, overwrite=overwrite)
     return layout
 
 
 @task(name="list images", cache_policy=NONE)
-def listed_manifest(dataset: str, seed: int) -> Manifest:
+def listed_manifest(dataset: str, seed: int, layout: OutputLayout, refresh_hashes: bool) -> tuple[Manifest, HashingStats]:
+    """List the folder and hash what changed since the manifest of the last run in this output."""
     manifest = list_dataset(Path(dataset), seed=seed)
-    stage_logger().info("list: %d images in %d classes (%d other files ignored%s)", len(manifest.records),
-                        len(manifest.class_names), sum(manifest.ignored.values()),
-                        f"; empty classes dropped: {', '.join(manifest.dropped_classes)}" if manifest.dropped_classes else "")
-    return manifest
+    previous = Manifest.load(layout.manifest) if layout.manifest.is_file() else None
+    manifest, stats = hash_manifest(manifest, previous, refresh=refresh_hashes)
+    stage_logger().info("list: %d images in %d classes (%d other files ignored%s); hashed %d (%.1f MB) in %.2f s, "
+                        "%d unchanged", len(manifest.records), len(manifest.class_names), sum(manifest.ignored.values()),
+                        f"; empty classes dropped: {', '.join(manifest.dropped_classes)}" if manifest.dropped_classes else "",
+                        stats.images_hashed, stats.bytes_hashed / 1e6, stats.seconds, stats.images_reused)
+    return manifest, stats
 
 
 @task(name="split train/test", cache_policy=NONE)
@@ -45,26 +60,47 @@ def split(manifest: Manifest, test_size: float, seed: int) -> Manifest:
     return split_manifest(manifest, test_size=test_size, seed=seed)
 
 
-@task(name="extract features", cache_policy=NONE)
+def _extraction_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    if parameters["refresh"]:
+        return None
+    settings: ExtractionSettings = parameters["settings"]
+    layout: OutputLayout = parameters["layout"]
+    manifest: Manifest = parameters["manifest"]
+    key = extraction_key(settings, resolve_weights(get_backbone(settings.backbone), settings.weights))
+    store = reusable_store(layout.store, key)
+    if store is None or store.attrs.get("manifest_fingerprint") != manifest.fingerprint():
+        return None
+    return f"extract-{layout.root}-{key}-{manifest.fingerprint()}"
+
+
+@task(name="extract features", cache_key_fn=_extraction_cache_key, **CACHED_RESULTS)
 def feature_store(manifest: Manifest, layout: OutputLayout, settings: ExtractionSettings,
-                  overwrite: bool) -> ExtractionResult:
-    result = extract_features(manifest, layout.store, settings, overwrite=overwrite)
+                  refresh: bool) -> ExtractionResult:
+    result = extract_features(manifest, layout.store, settings, refresh=refresh)
     manifest.save(layout.manifest)
     log = stage_logger()
-    log.info("extract: %d images in %.1f s (%.1f img/s), %d skipped; weights: %s", result.images_extracted,
-             result.seconds, result.images_extracted / max(result.seconds, 1e-9), len(result.images_skipped),
-             result.weights.describe())
+    log.info("extract: %d images extracted in %.1f s, %d reused, %d skipped; weights: %s", result.images_extracted,
+             result.seconds, result.images_reused, len(result.images_skipped), result.weights.describe())
     for skipped in result.images_skipped:
         log.warning("skipped %s: %s", skipped.path, skipped.reason)
     return result
 
 
-@task(name="train head", cache_policy=NONE)
+def _training_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    if parameters["refresh"]:
+        return None
+    key = training_key(parameters["extraction"].store, parameters["settings"])
+    layout: OutputLayout = parameters["layout"]
+    return f"train-{layout.root}-{key}" if reusable_bundle(layout.model, key) is not None else None
+
+
+@task(name="train head", cache_key_fn=_training_cache_key, **CACHED_RESULTS)
 def trained_bundle(extraction: ExtractionResult, layout: OutputLayout, settings: TrainingSettings,
-                   overwrite: bool) -> TrainingResult:
-    result = train_head(extraction.store, layout.model, settings, overwrite=overwrite)
-    stage_logger().info("train: %s on %d images, best %s (cv accuracy %.4f) in %.1f s", settings.head,
-                        result.n_train, result.best_params, result.cv_score, result.seconds)
+                   refresh: bool) -> TrainingResult:
+    result = train_head(extraction.store, layout.model, settings, refresh=refresh)
+    stage_logger().info("train: %s on %d images, best %s (cv accuracy %.4f)%s in %.1f s", settings.head,
+                        result.n_train, result.best_params, result.cv_score,
+                        " (reused)" if result.cached else "", result.seconds)
     return result
 
 
@@ -75,16 +111,22 @@ def evaluation(training: TrainingResult, extraction: ExtractionResult) -> Evalua
 
 @task(name="write report", cache_policy=NONE)
 def report(result: Evaluation, extraction: ExtractionResult, training: TrainingResult, layout: OutputLayout,
-           overwrite: bool) -> dict:
+           refresh: bool) -> tuple[dict, bool]:
+    """Write the report (unless the same head on the same rows already has one) and publish artifacts.
+
+    Returns the metrics and whether the existing report was kept."""
     spec = training.bundle.metadata
+    key = report_key(training.bundle, extraction.store)
     metrics = {
         "accuracy": result.accuracy, "macro_f1": result.macro_f1, "n_train": result.n_train, "n_test": result.n_test,
         "best_params": result.best_params, "head": spec.head, "backbone": spec.backbone,
         "weights_source": extraction.weights.describe(), "image_size": spec.image_size, "pooling": spec.pooling,
         "precision": spec.precision, "feature_dim": spec.feature_dim, "class_names": result.class_names,
-        "per_class": result.per_class, "confusion": result.confusion,
+        "per_class": result.per_class, "confusion": result.confusion, "stage_key": key,
     }
-    write_report(layout.report, metrics, result.classification_report, overwrite=overwrite)
+    kept = not refresh and read_report_key(layout.report) == key  # same head on the same rows: the report stands
+    if not kept:
+        write_report(layout.report, metrics, result.classification_report, overwrite=True)
     create_markdown_artifact(key="evaluation-summary", markdown=summary_markdown(metrics),
                              description="Headline metrics of the evaluation")
     create_table_artifact(key="per-class-metrics", description="Per-class precision, recall, F1 and support",
@@ -92,7 +134,7 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
                                  for name, scores in result.per_class.items()])
     stage_logger().info("report: accuracy %.4f, macro F1 %.4f → %s", result.accuracy, result.macro_f1,
                         layout.report / "report.md")
-    return metrics
+    return metrics, kept
 
 
 @task(name="write run summary", cache_policy=NONE)

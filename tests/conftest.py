@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).parent))  # tests_support
+
+from tests_support import write_colour_images  # noqa: E402
 
 # Three visually distinct classes, so that even random-weight features separate them.
 CLASS_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -21,15 +24,6 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def write_colour_images(folder: Path, colour: tuple[int, int, int], count: int, seed: int, size: int = 40) -> None:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        noise = rng.integers(-25, 26, size=(size, size, 3))
-        pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"img_{i:03d}.{'png' if i % 2 else 'jpg'}")
 
 
 @pytest.fixture(scope="session")

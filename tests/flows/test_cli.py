@@ -60,9 +60,17 @@ def test_run_on_a_messy_folder_lists_what_it_skipped(prefect_api, messy_dataset,
     out = capsys.readouterr().out
     assert "skipped red/empty.jpg" in out and str(output / "report" / "report.md") in out
     assert json.loads((output / "run.json").read_text())["images_extracted"] > 0
-    assert main(args) == EXIT_USER_ERROR  # the same output again: refused
+    assert main(args) == 0  # the same dataset again: brought up to date, nothing re-extracted
+    assert "0 images extracted" in capsys.readouterr().out
+
+
+def test_output_of_another_dataset_needs_overwrite(prefect_api, messy_dataset, colour_dataset, tmp_path, capsys):
+    output = tmp_path / "out"
+    fast = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32"]
+    assert main(["run", str(colour_dataset), "--output", str(output), *fast]) == 0
+    assert main(["run", str(messy_dataset), "--output", str(output), *fast]) == EXIT_USER_ERROR
     assert "--overwrite" in capsys.readouterr().err
-    assert main([*args, "--overwrite"]) == 0
+    assert main(["run", str(messy_dataset), "--output", str(output), *fast, "--overwrite"]) == 0
 
 
 def test_bad_dataset_inside_the_flow_is_one_line(prefect_api, tmp_path, capsys):

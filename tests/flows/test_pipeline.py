@@ -1,6 +1,7 @@
 """The whole flow under a real Prefect API, on a small dataset with broken and odd files."""
 import asyncio
 import json
+import shutil
 
 import pytest
 
@@ -62,12 +63,31 @@ def test_report_is_published_as_prefect_artifacts(finished_run):
     assert asyncio.run(read("per-class-metrics"))
 
 
-def test_second_run_into_the_same_output_is_refused_without_overwrite(finished_run, messy_dataset):
+def test_output_of_another_dataset_is_refused_without_overwrite(finished_run, colour_dataset):
     _, output = finished_run
     before = (output / "run.json").read_bytes()
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        transfer_learning(PipelineSettings(dataset=str(messy_dataset), output=str(output), **FAST))
+        transfer_learning(PipelineSettings(dataset=str(colour_dataset), output=str(output), **FAST))
     assert (output / "run.json").read_bytes() == before
+
+
+def test_warm_rerun_reuses_every_stage_and_a_deleted_artefact_is_rebuilt(prefect_api, colour_dataset, tmp_path):
+    settings = PipelineSettings(dataset=str(colour_dataset), output=str(tmp_path / "out"), **FAST)
+    cold = transfer_learning(settings)
+    assert cold.images_extracted == 24 and not cold.cached.extract
+    for _ in range(2):  # the second warm run is served by Prefect's persisted cache, the first by the stage itself
+        warm = transfer_learning(settings)
+        assert (warm.images_extracted, warm.images_reused, warm.images_hashed) == (0, 24, 0)
+        assert warm.cached.model_dump() == {"extract": True, "train": True, "report": True}
+        assert warm.accuracy == cold.accuracy
+    (tmp_path / "out" / "features.h5").unlink()
+    shutil.rmtree(tmp_path / "out" / "model")
+    rebuilt = transfer_learning(settings)
+    assert (rebuilt.images_extracted, rebuilt.cached.extract, rebuilt.cached.train) == (24, False, False)
+    assert open_store(tmp_path / "out" / "features.h5").n_rows == 24
+    assert (tmp_path / "out" / "model" / "head.skops").is_file()
+    refreshed = transfer_learning(settings.model_copy(update={"refresh": ["train"]}))
+    assert (refreshed.cached.extract, refreshed.cached.train) == (True, False)
 
 
 def test_dataset_with_one_class_is_a_clear_error(prefect_api, tmp_path):

@@ -1,18 +1,49 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from storage.errors import OutputExistsError
-from storage.feature_store import read_contents, read_features
+from storage.feature_store import open_store, read_contents, read_features
 from tasks.extraction import ExtractionSettings, extract_features
+from tasks.hashing import hash_manifest
 from tasks.listing import list_dataset
 from tasks.splitting import split_manifest
+from tests_support import write_colour_images
 
 SETTINGS = dict(backbone="mobilenet_v2", weights="none", image_size=32, pooling="avg")
 
 
+def prepared(root: Path):
+    manifest, _ = hash_manifest(list_dataset(root, seed=0))
+    return split_manifest(manifest, test_size=0.25, seed=0)
+
+
+def rows_by_hash(store):
+    contents = read_contents(store)
+    features = read_features(store, np.arange(store.n_rows))
+    return {h: f for h, f in zip(contents.hashes, features)}
+
+
 @pytest.fixture(scope="module")
 def messy_manifest(messy_dataset):
-    return split_manifest(list_dataset(messy_dataset, seed=0), test_size=0.25, seed=0)
+    return prepared(messy_dataset)
+
+
+@pytest.fixture
+def colours(tmp_path) -> Path:
+    root = tmp_path / "data"
+    for k, (name, colour) in enumerate({"red": (220, 30, 30), "blue": (30, 40, 220)}.items()):
+        write_colour_images(root / name, colour, 10, seed=k)
+    return root
 
 
 def test_broken_images_are_skipped_with_reasons_and_every_other_image_is_a_row(tmp_path, messy_manifest):
@@ -24,8 +55,9 @@ def test_broken_images_are_skipped_with_reasons_and_every_other_image_is_a_row(t
     contents = read_contents(result.store)
     listed = {r.path: r for r in messy_manifest.records}
     assert set(contents.paths) == set(listed) - set(skipped)
-    for path, label, split in zip(contents.paths, contents.labels, contents.split):
+    for path, label, split, digest in zip(contents.paths, contents.labels, contents.split, contents.hashes):
         assert contents.label_names[label] == listed[path].label and split == listed[path].split
+        assert digest == listed[path].content_hash
     # Rows keep the manifest's shuffled order.
     assert contents.paths == [r.path for r in messy_manifest.records if r.path not in skipped]
     assert result.store.attrs["backbone"] == "mobilenet_v2" and result.store.attrs["weights_source"] == "random"
@@ -55,8 +87,100 @@ def test_features_do_not_depend_on_batch_padding(tmp_path, messy_manifest, saved
     np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-5)
 
 
-def test_existing_store_is_not_overwritten(tmp_path, messy_manifest):
+def test_a_foreign_file_is_not_overwritten(tmp_path, messy_manifest):
     (tmp_path / "f.h5").write_bytes(b"user data")
     with pytest.raises(OutputExistsError):
         extract_features(messy_manifest, tmp_path / "f.h5", ExtractionSettings(**SETTINGS))
     assert (tmp_path / "f.h5").read_bytes() == b"user data"
+
+
+def test_warm_rerun_touches_nothing(tmp_path, colours):
+    manifest = prepared(colours)
+    first = extract_features(manifest, tmp_path / "f.h5", ExtractionSettings(**SETTINGS))
+    before = os.stat(tmp_path / "f.h5")
+    again = extract_features(prepared(colours), tmp_path / "f.h5", ExtractionSettings(**SETTINGS))
+    assert (again.cached, again.images_extracted, again.images_reused) == (True, 0, first.images_extracted)
+    after = os.stat(tmp_path / "f.h5")
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not even rewritten
+
+
+def test_added_modified_and_deleted_images_give_exact_counts(tmp_path, colours):
+    settings = ExtractionSettings(**SETTINGS)
+    first = extract_features(prepared(colours), tmp_path / "f.h5", settings)
+    old = rows_by_hash(first.store)
+    write_colour_images(colours / "green", (30, 200, 40), 4, seed=9)  # +4 images, a new class
+    (colours / "red" / "img_000.jpg").unlink()  # -1
+    Image.new("RGB", (40, 40), (250, 0, 0)).save(colours / "red" / "img_001.png")  # changed bytes
+    manifest = prepared(colours)
+    second = extract_features(manifest, tmp_path / "f.h5", settings)
+    assert (second.images_extracted, second.images_reused) == (5, 20 - 2)
+    assert second.store.n_rows == len(manifest.records) == 23
+    new = rows_by_hash(second.store)
+    assert set(new) == {r.content_hash for r in manifest.records}
+    for digest in set(old) & set(new):  # reused rows keep their values
+        np.testing.assert_array_equal(old[digest], new[digest])
+    assert read_contents(second.store).label_names == ["blue", "green", "red"]
+
+
+def test_other_settings_never_share_rows(tmp_path, colours):
+    extract_features(prepared(colours), tmp_path / "f.h5", ExtractionSettings(**SETTINGS))
+    other = extract_features(prepared(colours), tmp_path / "f.h5", ExtractionSettings(**{**SETTINGS, "pooling": "max"}))
+    assert (other.images_extracted, other.images_reused) == (20, 0)
+    assert other.store.attrs["pooling"] == "max"
+
+
+def test_refresh_recomputes_every_row(tmp_path, colours):
+    extract_features(prepared(colours), tmp_path / "f.h5", ExtractionSettings(**SETTINGS))
+    again = extract_features(prepared(colours), tmp_path / "f.h5", ExtractionSettings(**SETTINGS), refresh=True)
+    assert (again.cached, again.images_extracted, again.images_reused) == (False, 20, 0)
+
+
+KILLABLE_RUN = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from tasks.extraction import ExtractionSettings, extract_features
+    from tasks.hashing import hash_manifest
+    from tasks.listing import list_dataset
+    from tasks.splitting import split_manifest
+
+    manifest, _ = hash_manifest(list_dataset(Path(sys.argv[1]), seed=0))
+    manifest = split_manifest(manifest, test_size=0.25, seed=0)
+    settings = ExtractionSettings(backbone="mobilenet_v2", weights="none", image_size=32, pooling="avg", batch_size=2)
+    extract_features(manifest, Path(sys.argv[2]), settings, shard_images=4, decode_threads=1, prefetch_batches=1)
+""")
+
+
+def test_a_killed_run_resumes_to_the_store_a_clean_run_makes(tmp_path):
+    data = tmp_path / "data"
+    for k, (name, colour) in enumerate({"red": (220, 30, 30), "blue": (30, 40, 220)}.items()):
+        write_colour_images(data / name, colour, 60, seed=k)
+    store = tmp_path / "out" / "f.h5"
+    store.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), str(Path(__file__).parent.parent)])}
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, str(data), str(store)], env=env)
+    parts = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        found = list(store.parent.glob("f.h5.*.parts/shard-*.h5"))
+        if len(found) >= 3:
+            parts = found[0].parent
+            break
+        time.sleep(0.05)
+    assert parts is not None, "the run finished or stalled before committing 3 shards"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not store.exists()  # never half-written under its final name
+    committed = sum(1 for _ in parts.glob("shard-*.h5"))
+
+    manifest = prepared(data)
+    settings = ExtractionSettings(**SETTINGS, batch_size=2)
+    resumed = extract_features(manifest, store, settings)
+    assert resumed.images_reused >= 4 * committed
+    assert resumed.images_extracted + resumed.images_reused == 120
+    assert not parts.exists()  # shards are dropped once the store is complete
+    clean = extract_features(manifest, tmp_path / "clean.h5", settings)
+    assert read_contents(resumed.store).paths == read_contents(clean.store).paths
+    a, b = rows_by_hash(resumed.store), rows_by_hash(clean.store)
+    assert a.keys() == b.keys()
+    for digest in a:
+        np.testing.assert_allclose(a[digest], b[digest], rtol=1e-4, atol=1e-5)

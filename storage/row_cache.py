@@ -1,0 +1,94 @@
+"""Feature rows by image content hash, for one set of extraction settings: what makes extraction
+incremental and resumable.
+
+Rows come from two places: the previous complete store (when it was made with the same settings)
+and shard files that a run commits as it goes (`<store>.<key>.parts/shard-NNNNNN.h5`, each written
+atomically). After `kill -9` the committed shards survive, so the next run extracts only what is
+missing; once a new store is complete the shards are removed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from storage.atomic import atomic_path
+
+SHARD_PATTERN = "shard-*.h5"
+
+
+class RowCache:
+    """Index of cached rows (hash → file, row) and known-broken images (hash → reason)."""
+
+    def __init__(self, parts_dir: Path, feature_dim: int):
+        self.parts_dir = Path(parts_dir)
+        self.feature_dim = feature_dim
+        self.rows: dict[str, tuple[Path, int]] = {}
+        self.skipped: dict[str, str] = {}
+
+    def load(self, previous_store: Path | None) -> "RowCache":
+        """Index the previous store (if given) and every committed shard; stale temporaries are removed."""
+        sources = ([previous_store] if previous_store is not None else []) + self.shards()
+        for source in sources:
+            with h5py.File(source, "r") as file:
+                if file["features"].shape[1] != self.feature_dim:
+                    continue  # another width cannot be these settings' rows
+                for row, digest in enumerate(file["hashes"].asstr()[:]):
+                    if digest:
+                        self.rows.setdefault(digest, (source, row))
+                self.skipped.update(json.loads(file.attrs.get("skipped", "{}")))
+        if self.parts_dir.is_dir():
+            for stale in self.parts_dir.glob(".*.tmp"):  # left by a killed run; we hold the output lock
+                shutil.rmtree(stale, ignore_errors=True)
+        return self
+
+    def shards(self) -> list[Path]:
+        return sorted(self.parts_dir.glob(SHARD_PATTERN)) if self.parts_dir.is_dir() else []
+
+    def commit_shard(self, hashes: Sequence[str], features: np.ndarray, skipped: dict[str, str]) -> Path:
+        """Write one shard atomically and index it."""
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        existing = self.shards()
+        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 1
+        target = self.parts_dir / f"shard-{number:06d}.h5"
+        with atomic_path(target) as tmp:
+            with h5py.File(tmp, "w") as file:
+                file.create_dataset("features", data=np.asarray(features, dtype=np.float32).reshape(-1, self.feature_dim))
+                file.create_dataset("hashes", data=np.array(list(hashes), dtype=object), dtype=h5py.string_dtype())
+                file.attrs["skipped"] = json.dumps(skipped)
+        for row, digest in enumerate(hashes):
+            self.rows.setdefault(digest, (target, row))
+        self.skipped.update(skipped)
+        return target
+
+    def gather(self, hashes: Sequence[str], block_rows: int) -> Iterator[np.ndarray]:
+        """Features for `hashes`, in that order, a block at a time (memory: one block)."""
+        handles: dict[Path, h5py.File] = {}
+        try:
+            for start in range(0, len(hashes), block_rows):
+                block = hashes[start:start + block_rows]
+                out = np.empty((len(block), self.feature_dim), dtype=np.float32)
+                by_source: dict[Path, list[tuple[int, int]]] = defaultdict(list)
+                for position, digest in enumerate(block):
+                    source, row = self.rows[digest]
+                    by_source[source].append((row, position))
+                for source, wanted in by_source.items():
+                    if source not in handles:
+                        handles[source] = h5py.File(source, "r")
+                    rows = np.array(sorted({row for row, _ in wanted}))
+                    values = handles[source]["features"][rows]  # h5py reads increasing indices only
+                    lookup = {row: i for i, row in enumerate(rows)}
+                    for row, position in wanted:
+                        out[position] = values[lookup[row]]
+                yield out
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    def clear(self) -> None:
+        shutil.rmtree(self.parts_dir, ignore_errors=True)

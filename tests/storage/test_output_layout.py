@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from storage.errors import OutputExistsError, OutputLockedError
+from storage.output_layout import LOCK_FILE, OutputLayout
+
+HOLD_LOCK = """
+import sys, time
+from storage.output_layout import OutputLayout
+with OutputLayout(root=sys.argv[1]).locked():
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_output(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"):
+            with OutputLayout(root=str(tmp_path)).locked():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # The OS drops the lock with its (killed) holder: no stale lock.
+    with OutputLayout(root=str(tmp_path)).locked():
+        assert (tmp_path / LOCK_FILE).exists()
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed_under_the_lock(tmp_path):
+    (tmp_path / ".features.h5.abc123.tmp").mkdir()
+    (tmp_path / ".features.h5.abc123.tmp" / "features.h5").write_bytes(b"half")
+    (tmp_path / ".unrelated.tmp").mkdir()
+    with OutputLayout(root=str(tmp_path)).locked():
+        assert not (tmp_path / ".features.h5.abc123.tmp").exists()
+    assert (tmp_path / ".unrelated.tmp").exists()
+
+
+def test_claim_allows_an_earlier_run_on_the_same_dataset_only(tmp_path):
+    layout = OutputLayout(root=str(tmp_path / "out"))
+    layout.claim(str(tmp_path / "data"), overwrite=False)  # empty: fine
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "features.h5").write_bytes(b"someone's file")
+    with pytest.raises(OutputExistsError, match="not written by a completed transfer-flow run"):
+        layout.claim(str(tmp_path / "data"), overwrite=False)
+    (tmp_path / "out" / "run.json").write_text(json.dumps({"dataset": str(tmp_path / "data")}))
+    layout.claim(str(tmp_path / "data"), overwrite=False)
+    with pytest.raises(OutputExistsError, match="from a run on"):
+        layout.claim(str(tmp_path / "other"), overwrite=False)
+    layout.claim(str(tmp_path / "other"), overwrite=True)
