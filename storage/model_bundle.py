@@ -11,7 +11,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import skops.io as sio
 from pydantic import BaseModel, Field
 
 from storage.atomic import atomic_path
@@ -63,6 +62,8 @@ def save_bundle(directory: Path, head: Any, bundle_metadata: BundleMetadata, *, 
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise OutputExistsError(f"Model bundle {directory} already exists (pass --overwrite to replace it)")
+    import skops.io as sio  # deferred: it imports scikit-learn's whole type registry (seconds)
+
     payload = sio.dumps(head)
     final = bundle_metadata.model_copy(update={
         "head_sha256": hashlib.sha256(payload).hexdigest(),
@@ -87,6 +88,8 @@ def load_head(bundle: ModelBundle) -> Any:
     payload = (Path(bundle.path) / HEAD_FILE).read_bytes()
     if hashlib.sha256(payload).hexdigest() != bundle.metadata.head_sha256:
         raise BundleError(f"{bundle.path}/{HEAD_FILE} does not match the hash recorded in {METADATA_FILE}: refusing to load it")
+    import skops.io as sio
+
     untrusted = sio.get_untrusted_types(data=payload)
     unexpected = [t for t in untrusted if not t.startswith(_TRUSTED_MODULE_PREFIXES)]
     if unexpected:
