@@ -1,0 +1,173 @@
+"""Watch an inbox folder and announce each dataset folder once, when it has fully arrived.
+
+A dataset folder is a direct sub-folder of the inbox. It is *ready* when
+
+- `marker` (default): a `_READY` file is in it (write it last, after copying the images);
+- `quiet`: nothing in it has changed for `quiet_seconds` (for uploaders that cannot write a marker);
+
+and, in both modes, when its fingerprint (every file's path, size and modification time, the marker
+and hidden files excepted) is the same as at the previous scan, so a folder still being copied is
+never announced. A ready folder is announced with one `transfer-flow.dataset.arrived` event. The
+state file remembers each announcement, so a restarted watcher stays quiet about what it already
+announced; a folder whose fingerprint changes later is announced again, as a new version.
+
+Polling alternative: `flows.inbox.scan_inbox` runs one scan as a flow, on a schedule (`transfer-flow serve
+--inbox DIR`), sharing the same state file and lock.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from storage.announcements import Announcement, AnnouncementLog, InboxState, Sighting
+from storage.errors import SettingsError, TransferFlowError
+
+Readiness = Literal["marker", "quiet"]
+MARKER = "_READY"
+STATE_FILE = ".transfer-flow-inbox.json"
+
+log = logging.getLogger("transfer_flow.watch")
+
+
+class Snapshot(BaseModel):
+    version: str
+    files: int
+    bytes: int
+    newest_mtime: float
+
+
+def snapshot(folder: Path, marker: str = MARKER) -> Snapshot:
+    """Fingerprint a folder from its files' relative paths, sizes and mtimes (hidden entries and the marker skipped)."""
+    digest = hashlib.sha256()
+    files = total = 0
+    newest = 0.0
+    entries: list[tuple[str, int, int]] = []
+    for directory, subdirs, names in os.walk(folder):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        for name in names:
+            if name.startswith(".") or (name == marker and Path(directory) == folder):
+                continue
+            path = Path(directory) / name
+            try:
+                stat = path.stat()
+            except OSError:  # vanished between listing and stat: the next scan sees a new fingerprint anyway
+                continue
+            entries.append((path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns))
+            newest = max(newest, stat.st_mtime)
+    for relative, size, mtime_ns in sorted(entries):
+        digest.update(f"{relative}\0{size}\0{mtime_ns}\n".encode())
+        files += 1
+        total += size
+    return Snapshot(version=digest.hexdigest()[:16], files=files, bytes=total, newest_mtime=newest)
+
+
+class InboxWatcher:
+    """Scans an inbox and announces ready dataset folders; `emit` sends one announcement (or raises)."""
+
+    def __init__(self, inbox: str | Path, *, ready: Readiness = "marker", marker: str = MARKER,
+                 quiet_seconds: float = 30.0, state_file: str | Path | None = None,
+                 emit: Callable[[Announcement], None] | None = None, clock: Callable[[], float] = time.time):
+        self.inbox = Path(inbox).expanduser().resolve()
+        if not self.inbox.is_dir():
+            raise SettingsError(f"Inbox {self.inbox} does not exist or is not a folder")
+        if ready not in ("marker", "quiet"):
+            raise SettingsError(f"Expected readiness 'marker' or 'quiet', got {ready!r}")
+        if quiet_seconds < 0:
+            raise SettingsError(f"Expected --quiet-seconds of at least 0, got {quiet_seconds}")
+        self.ready, self.marker, self.quiet_seconds = ready, marker, float(quiet_seconds)
+        self.log = AnnouncementLog(state_file or self.inbox / STATE_FILE)
+        self.emit = emit or emit_announcement
+        self.clock = clock
+
+    def candidates(self) -> list[Path]:
+        return sorted(p for p in self.inbox.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _is_ready(self, folder: Path, snap: Snapshot, sighting: Sighting | None, now: float) -> bool:
+        stable = sighting is not None and sighting.version == snap.version
+        if not stable:
+            return False
+        if self.ready == "marker":
+            return (folder / self.marker).is_file()
+        return now - max(sighting.since, snap.newest_mtime) >= self.quiet_seconds
+
+    def scan(self) -> list[Announcement]:
+        """One pass: returns the announcements sent during it."""
+        sent: list[Announcement] = []
+        with self.log.locked():
+            state = self.log.load()
+            before = state.model_dump_json()
+            present = set()
+            for folder in self.candidates():
+                key = str(folder)
+                present.add(key)
+                snap = snapshot(folder, self.marker)
+                if snap.files == 0:
+                    continue
+                now = self.clock()
+                previous = state.announced.get(key)
+                if previous is not None and previous.version == snap.version:
+                    if not previous.sent:  # announced, but the watcher stopped before the server confirmed
+                        self._send(previous, state)
+                        sent.append(previous)
+                    continue
+                sighting = state.seen.get(key)
+                if not self._is_ready(folder, snap, sighting, now):
+                    if sighting is None or sighting.version != snap.version:
+                        state.seen[key] = Sighting(version=snap.version, since=now)
+                    continue
+                announcement = Announcement(
+                    path=key, name=folder.name, version=snap.version, files=snap.files, bytes=snap.bytes,
+                    event_id=str(uuid.uuid4()),
+                    announced_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                state.announced[key] = announcement
+                state.seen.pop(key, None)
+                self.log.save(state)  # the intent is on disk before the event leaves
+                self._send(announcement, state)
+                sent.append(announcement)
+            for gone in set(state.seen) - present:  # a folder removed before it was ready
+                del state.seen[gone]
+            if state.model_dump_json() != before:
+                self.log.save(state)
+        return sent
+
+    def _send(self, announcement: Announcement, state: InboxState) -> None:
+        self.emit(announcement)
+        announcement.sent = True
+        self.log.save(state)
+        log.info("announced %s (version %s, %d files) as %s", announcement.path, announcement.version,
+                 announcement.files, announcement.event_id)
+
+    def run(self, interval: float = 5.0, stop: threading.Event | None = None, max_scans: int | None = None) -> None:
+        """Scan every `interval` seconds until `stop` is set (or `max_scans` scans are done)."""
+        stop = stop or threading.Event()
+        scans = 0
+        while not stop.is_set():
+            try:
+                self.scan()
+            except TransferFlowError:
+                raise
+            except Exception as error:  # the server is restarting, a folder vanished mid-scan...: try again later
+                log.warning("scan of %s failed (%s: %s); retrying in %g s", self.inbox, type(error).__name__,
+                            error, interval)
+            scans += 1
+            if max_scans is not None and scans >= max_scans:
+                return
+            stop.wait(interval)
+
+
+def emit_announcement(announcement: Announcement) -> None:
+    """Send the announcement as a `transfer-flow.dataset.arrived` event to the Prefect server."""
+    from deployments.events import dataset_arrived, send
+
+    send(dataset_arrived(announcement.path, announcement.name, announcement.version, files=announcement.files,
+                         bytes=announcement.bytes, event_id=announcement.event_id))
