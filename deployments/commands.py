@@ -40,7 +40,8 @@ def add_deployment_commands(subparsers) -> None:
                     "nightly by default), train-and-promote/on-dataset (triggered by the "
                     "transfer-flow.dataset.arrived event), transfer-learning/on-demand (run from the UI's form) "
                     "and, with --inbox, scan-inbox/poll-inbox; then execute their runs until Ctrl-C. The pipeline "
-                    "options below become the deployments' default parameters.")
+                    "options below become the deployments' default parameters (scheduled and triggered runs "
+                    "always --wait for a run writing the same output).")
     serve.add_argument("--home", metavar="DIR", help=_HOME_HELP)
     serve.add_argument("--dataset", metavar="DIR",
                        help="dataset the scheduled retrain reads (without it the retrain schedule is registered paused)")
@@ -128,7 +129,7 @@ def serve_options(args: argparse.Namespace):
         raise SettingsError(f"--inbox {args.inbox} does not exist or is not a folder")
     pipeline = {"backbone": args.backbone, "weights": args.weights, "image_size": args.image_size,
                 "pooling": args.pooling, "precision": args.precision, "batch_size": args.batch_size,
-                "test_size": args.test_size, "seed": args.seed}
+                "test_size": args.test_size, "seed": args.seed, "refresh": args.refresh}
     given = {"home": _home(args), "registry": args.registry, "runs": args.runs, "dataset": args.dataset,
              "cron": args.cron, "metric": args.metric, "margin": args.margin, "pipeline": pipeline,
              "inbox": args.inbox, "poll_seconds": args.poll_every}

@@ -27,7 +27,10 @@ from storage.registry import Metric
 NIGHTLY = "0 2 * * *"
 TAGS = ["transfer-flow"]
 # What the PipelineSettings form may be given as defaults here (dataset and output are set per deployment).
-PIPELINE_DEFAULT_KEYS = ("backbone", "weights", "image_size", "pooling", "precision", "batch_size", "test_size", "seed")
+PIPELINE_DEFAULT_KEYS = ("backbone", "weights", "image_size", "pooling", "precision", "batch_size", "test_size", "seed",
+                         "refresh")
+# Scheduled and triggered runs queue behind a run writing the same output folder instead of failing.
+UNATTENDED = {"wait": True}
 
 
 def default_home() -> Path:
@@ -119,7 +122,8 @@ def retrain_deployment(options: ServeOptions):
 
     from flows.retrain import train_and_promote
 
-    settings: dict[str, Any] = {**options.pipeline_defaults(), "output": str(Path(options.runs_dir) / "retrain")}
+    settings: dict[str, Any] = {**options.pipeline_defaults(), **UNATTENDED,
+                                "output": str(Path(options.runs_dir) / "retrain")}
     if options.dataset:
         settings["dataset"] = options.dataset
     description = (f"Retrain on {options.dataset} and promote the new model if it scores at least as well "
@@ -137,7 +141,7 @@ def retrain_deployment(options: ServeOptions):
 
 def on_dataset_parameters(options: ServeOptions) -> dict[str, Any]:
     """Run parameters templated from the event: the dataset is the payload's path; outputs go to RUNS/<name>."""
-    settings = {**options.pipeline_defaults(), "dataset": "{{ event.payload.path }}",
+    settings = {**options.pipeline_defaults(), **UNATTENDED, "dataset": "{{ event.payload.path }}",
                 "output": str(Path(options.runs_dir)) + "/{{ event.payload.name }}"}
     return {"settings": settings, "registry": options.registry_parameters()}
 
@@ -159,7 +163,7 @@ def on_dataset_deployment(options: ServeOptions):
     return train_and_promote.to_deployment(
         name="on-dataset",
         triggers=[trigger],
-        parameters={"settings": {**options.pipeline_defaults()}, "registry": options.registry_parameters()},
+        parameters={"settings": {**options.pipeline_defaults(), **UNATTENDED}, "registry": options.registry_parameters()},
         description=f"Triggered by {DATASET_ARRIVED} (sent by `transfer-flow watch`, the poll-inbox deployment or "
                     f"any script); outputs in {options.runs_dir}/<dataset name>.",
         tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH,

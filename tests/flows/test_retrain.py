@@ -32,8 +32,8 @@ def runs(prefect_api, colour_dataset, fixed_weights, tmp_path_factory):
         return train_and_promote(PipelineSettings(dataset=str(dataset), output=str(root / name), backbone="mobilenet_v2",
                                                   weights=fixed_weights, image_size=32, batch_size=8), registry)
 
-    first = run(colour_dataset, "first")
-    unchanged = run(colour_dataset, "unchanged")
+    first = run(colour_dataset, "nightly")
+    unchanged = run(colour_dataset, "nightly")  # the next night, no new images: every stage is reused
     grown = root / "grown"
     shutil.copytree(colour_dataset, grown)
     rng = np.random.default_rng(7)
@@ -56,9 +56,10 @@ def test_first_model_is_registered_and_promoted(runs):
     assert "## Promotion" in (registry.version_dir("v0001") / "report" / "report.md").read_text()
 
 
-def test_rerun_on_unchanged_data_does_not_add_a_version(runs):
+def test_nightly_rerun_on_unchanged_data_reuses_the_caches_and_adds_no_version(runs):
     _, unchanged, _, registry = runs
     assert unchanged.version == "v0001" and unchanged.champion == "v0001"
+    assert unchanged.run.cached.extract and unchanged.run.cached.train  # the stage caches did the work
     assert unchanged.decision.basis == "same-model" and not unchanged.decision.promoted
 
 
