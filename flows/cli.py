@@ -38,6 +38,12 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh", action="append", default=[], metavar="STAGE",
                         choices=["hash", "extract", "train", "report", "all"],
                         help="recompute STAGE (hash, extract, train, report or all) even if its cache is valid; repeatable")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="extract on a local Dask cluster of N worker processes (default: in this process, "
+                             "the fastest on one small machine)")
+    parser.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                        help="extract on an existing Dask cluster (dask-jobqueue, Kubernetes, dask-cuda); workers "
+                             "need transfer-flow installed and the same paths")
     parser.add_argument("--wait", action="store_true",
                         help="if another run is writing to the same output, wait for it instead of failing")
 
@@ -79,7 +85,7 @@ def _settings(args: argparse.Namespace, dataset: str, output: str, overwrite: bo
     return PipelineSettings(dataset=dataset, output=output, backbone=args.backbone, weights=args.weights,
                             image_size=args.image_size, pooling=args.pooling, precision=args.precision,
                             batch_size=args.batch_size, test_size=args.test_size, seed=args.seed, overwrite=overwrite,
-                            refresh=args.refresh, wait=args.wait)
+                            refresh=args.refresh, wait=args.wait, workers=args.workers, dask_address=args.dask_address)
 
 
 def _run_pipeline(settings) -> int:

@@ -1,14 +1,32 @@
 """The whole pipeline, wiring only: list → split → extract → train → evaluate → report."""
 from __future__ import annotations
 
+import os
 import time
 
-from prefect import flow
+from prefect import flow, unmapped
+from prefect_dask import DaskTaskRunner
 
 from flows.settings import PipelineSettings
 from storage.output_layout import OutputLayout
 from storage.run_summary import RunSummary, SkippedImageRecord, StageCached, StageSeconds
 from tasks import stages
+
+
+def dask_task_runner(settings: PipelineSettings) -> DaskTaskRunner:
+    """An existing cluster when given an address, else a local one of `settings.workers` processes.
+
+    Each worker runs one shard at a time with an equal share of the cores for TensorFlow; it keeps
+    the backbone loaded between shards. With dask-cuda installed, pass the address of a
+    LocalCUDACluster (one GPU per worker) started with `dask cuda worker`.
+    """
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    threads = max(1, (os.cpu_count() or 1) // settings.workers)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": settings.workers, "threads_per_worker": 1, "processes": True,
+        "env": {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1"},
+    })
 
 
 @flow(name="transfer-learning", log_prints=True)
@@ -23,7 +41,15 @@ def transfer_learning(settings: PipelineSettings) -> RunSummary:
         manifest, hashing = stages.listed_manifest(settings.dataset, settings.seed, layout, settings.refreshes("hash"))
         manifest = stages.split(manifest, settings.test_size, settings.seed)
         listed = time.perf_counter()
-        extraction = stages.feature_store(manifest, layout, settings.extraction(), settings.refreshes("extract"))
+        plan = stages.extraction_plan(manifest, layout, settings.extraction(), settings.refreshes("extract"))
+        if settings.distributed() and plan.todo:
+            with dask_task_runner(settings) as runner:  # shards as Prefect tasks on Dask workers
+                shards = runner.map(stages.extracted_shard, {"records": plan.shards(settings.shard_images),
+                                                             "root": unmapped(manifest.root), "plan": unmapped(plan)})
+                shards.result()
+        elif plan.todo:
+            stages.extracted_shard(plan.todo, manifest.root, plan)  # one stream, decode overlapped, in this process
+        extraction = stages.feature_store(manifest, layout, plan)
         extracted = time.perf_counter()
         training = stages.trained_bundle(extraction, layout, settings.training(), settings.refreshes("train"))
         trained = time.perf_counter()

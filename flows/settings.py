@@ -31,6 +31,12 @@ class PipelineSettings(BaseModel):
     overwrite: bool = Field(default=False, description="Replace outputs in the folder that are not an earlier run on this dataset.")
     refresh: list[RefreshStage] = Field(default_factory=list, description="Stages to recompute even when their cache is valid.")
     wait: bool = Field(default=False, description="If another run is writing to the output folder, wait for it instead of failing.")
+    workers: int = Field(default=0, ge=0, description="Extract on a local Dask cluster of this many worker processes; 0: in the flow's process (fastest on one small machine).")
+    dask_address: str | None = Field(default=None, description="Extract on an existing Dask cluster (tcp://host:8786); workers need transfer-flow installed and the dataset and output paths visible.")
+    shard_images: int = Field(default=512, ge=1, description="Images per shard: the unit of Dask work and of resumption after a crash.")
+
+    def distributed(self) -> bool:
+        return self.workers > 0 or self.dask_address is not None
 
     def refreshes(self, stage: str) -> bool:
         return stage in self.refresh or "all" in self.refresh

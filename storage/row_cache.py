@@ -2,12 +2,13 @@
 incremental and resumable.
 
 Rows come from two places: the previous complete store (when it was made with the same settings)
-and shard files that a run commits as it goes (`<store>.<key>.parts/shard-NNNNNN.h5`, each written
-atomically). After `kill -9` the committed shards survive, so the next run extracts only what is
+and shard files that a run commits as it goes (`<store>.<key>.parts/shard-<content>.h5`, each written
+atomically, by the flow's process or by Dask workers). After `kill -9` the committed shards survive, so the next run extracts only what is
 missing; once a new store is complete the shards are removed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import defaultdict
@@ -51,12 +52,12 @@ class RowCache:
         return sorted(self.parts_dir.glob(SHARD_PATTERN)) if self.parts_dir.is_dir() else []
 
     def commit_shard(self, hashes: Sequence[str], features: np.ndarray, skipped: dict[str, str]) -> Path:
-        """Write one shard atomically and index it."""
+        """Write one shard atomically and index it. Named for its content, so concurrent workers never clash
+        and a retried shard replaces its own earlier copy."""
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        existing = self.shards()
-        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 1
-        target = self.parts_dir / f"shard-{number:06d}.h5"
-        with atomic_path(target) as tmp:
+        name = hashlib.sha256("\n".join([*hashes, "--", *sorted(skipped)]).encode()).hexdigest()[:16]
+        target = self.parts_dir / f"shard-{name}.h5"
+        with atomic_path(target, overwrite=True) as tmp:
             with h5py.File(tmp, "w") as file:
                 file.create_dataset("features", data=np.asarray(features, dtype=np.float32).reshape(-1, self.feature_dim))
                 file.create_dataset("hashes", data=np.array(list(hashes), dtype=object), dtype=h5py.string_dtype())

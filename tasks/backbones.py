@@ -200,6 +200,33 @@ def weights_available_offline(spec: BackboneSpec) -> str | None:
     return None
 
 
+def cpu_supports_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: the CPUs where oneDNN runs bfloat16 convolutions natively (Linux only)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def gpu_available() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def resolve_precision(spec: BackboneSpec, requested: Precision | None) -> Precision:
+    """The user's choice; else float16 on a GPU; else the backbone's measured CPU default where the CPU
+    has native bf16; else float32 (emulated bf16 is slower than fp32)."""
+    if requested is not None:
+        return requested
+    if gpu_available():
+        return "float16"
+    if spec.default_precision == "bfloat16" and cpu_supports_bf16():
+        return "bfloat16"
+    return "float32"
+
+
 RANDOM_INIT_SEED = 0  # random init is seeded, so `--weights none` rows are reproducible and cacheable
 _POLICY_LOCK = threading.Lock()  # Keras' dtype policy is process-global while a model is built
 

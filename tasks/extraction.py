@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,8 @@ from storage.errors import OutputExistsError, StoreError, UnreadableImageError
 from storage.feature_store import FeatureStore, create_store, open_store, package_version, rows_per_chunk
 from storage.manifest import ImageRecord, Manifest
 from storage.row_cache import RowCache
-from tasks.backbones import Pooling, Precision, ResolvedWeights, build_feature_model, get_backbone, resolve_weights
+from tasks.backbones import (Pooling, Precision, ResolvedWeights, build_feature_model, get_backbone, resolve_precision,
+                             resolve_weights)
 from tasks.images import decode_image
 from tasks.logs import stage_logger
 
@@ -38,7 +40,7 @@ class ExtractionSettings(BaseModel):
         return self.image_size or get_backbone(self.backbone).native_size
 
     def resolved_precision(self) -> Precision:
-        return self.precision or get_backbone(self.backbone).default_precision
+        return resolve_precision(get_backbone(self.backbone), self.precision)
 
 
 class SkippedImage(BaseModel):
@@ -136,66 +138,129 @@ def _is_store(path: Path) -> bool:
         return False
 
 
-def extract_features(manifest: Manifest, store_path: Path, settings: ExtractionSettings, *,
-                     refresh: bool = False, decode_threads: int | None = None,
-                     prefetch_batches: int = 2, shard_images: int = SHARD_IMAGES) -> ExtractionResult:
-    """Bring the store at `store_path` up to date with the manifest: only images whose content is not yet
-    there (for these settings) are decoded; broken ones are skipped with a reason; rows of images no
-    longer listed leave. The store is replaced atomically; committed shards make a killed run resumable.
-    """
-    started = time.perf_counter()
+class ExtractionPlan(BaseModel):
+    """What an extraction has to do: computed once, then run locally or as Dask shards, then assembled."""
+
+    settings: ExtractionSettings
+    weights: ResolvedWeights
+    precision: Precision
+    key: str
+    feature_dim: int
+    parts_dir: str
+    todo: list[ImageRecord] = Field(description="Images whose content has no row yet for these settings (one per content).")
+    previous_store: str | None = Field(default=None, description="A store with these settings whose rows can be reused.")
+    complete: bool = Field(default=False, description="The previous store already holds exactly this manifest.")
+
+    def shards(self, size: int) -> list[list[ImageRecord]]:
+        return [self.todo[i:i + size] for i in range(0, len(self.todo), size)]
+
+
+def plan_extraction(manifest: Manifest, store_path: Path, settings: ExtractionSettings, *,
+                    refresh: bool = False) -> ExtractionPlan:
     spec = get_backbone(settings.backbone)
     weights = resolve_weights(spec, settings.weights)
+    settings = settings.model_copy(update={"precision": resolve_precision(spec, settings.precision)})
     key = extraction_key(settings, weights)
-    extractor = FeatureExtractor(settings, weights)
-    fingerprint = manifest.fingerprint()
     if Path(store_path).exists() and not _is_store(store_path):
         raise OutputExistsError(f"{store_path} exists and is not a feature store: refusing to replace it")
     previous = None if refresh else reusable_store(store_path, key)
-    if previous is not None and previous.attrs.get("manifest_fingerprint") == fingerprint:
-        reasons = json.loads(previous.attrs.get("skipped", "{}"))
-        return ExtractionResult(
-            store=previous, images_extracted=0, images_reused=previous.n_rows,
-            images_skipped=[SkippedImage(path=r.path, reason=reasons[r.content_hash])
-                            for r in manifest.records if r.content_hash in reasons],
-            weights=weights, precision=settings.resolved_precision(), extraction_key=key, cached=True,
-            seconds=time.perf_counter() - started)
-
-    cache = RowCache(Path(f"{store_path}.{key}.parts"), extractor.feature_dim)
+    feature_dim = spec.feature_dim(settings.pooling, settings.resolved_size())
+    parts_dir = Path(f"{store_path}.{key}.parts")
+    plan = ExtractionPlan(settings=settings, weights=weights, precision=settings.precision, key=key,
+                          feature_dim=feature_dim, parts_dir=str(parts_dir),
+                          previous_store=previous.path if previous is not None else None, todo=[])
+    if previous is not None and previous.attrs.get("manifest_fingerprint") == manifest.fingerprint():
+        return plan.model_copy(update={"complete": True})
+    cache = RowCache(parts_dir, feature_dim)
     if refresh:
         cache.clear()
-    cache.load(previous.path if previous is not None else None)
+    cache.load(Path(plan.previous_store) if plan.previous_store else None)
     todo: dict[str, ImageRecord] = {}
     for record in manifest.records:
         if record.content_hash not in cache.rows and record.content_hash not in cache.skipped:
             todo.setdefault(record.content_hash, record)  # identical files are extracted once
-    _extract_into_shards(list(todo.values()), Path(manifest.root), extractor, cache, decode_threads, prefetch_batches,
-                         shard_images)
+    return plan.model_copy(update={"todo": list(todo.values())})
 
+
+_EXTRACTORS: dict[str, FeatureExtractor] = {}
+_EXTRACTORS_LOCK = threading.Lock()
+
+
+def _extractor_for(plan: ExtractionPlan) -> FeatureExtractor:
+    """One extractor per process and settings: a Dask worker loads the backbone once for all its shards."""
+    with _EXTRACTORS_LOCK:
+        if plan.key not in _EXTRACTORS:
+            _EXTRACTORS[plan.key] = FeatureExtractor(plan.settings, plan.weights)
+        return _EXTRACTORS[plan.key]
+
+
+def extract_records(records: Sequence[ImageRecord], root: Path, plan: ExtractionPlan, *,
+                    decode_threads: int | None = None, prefetch_batches: int = 2,
+                    shard_images: int = SHARD_IMAGES) -> int:
+    """Decode and extract `records` into committed shards of `plan.parts_dir`; returns how many were done.
+
+    Runs the same in the flow's process (all of `plan.todo`) or in a Dask worker (one shard of it).
+    """
+    cache = RowCache(Path(plan.parts_dir), plan.feature_dim)
+    _extract_into_shards(records, Path(root), _extractor_for(plan), cache, decode_threads, prefetch_batches,
+                         shard_images)
+    return len(records)
+
+
+def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan, *, started: float | None = None) -> ExtractionResult:
+    """Write the complete store from reused rows and committed shards, in manifest order, then drop the shards."""
+    started = time.perf_counter() if started is None else started
+    spec = get_backbone(plan.settings.backbone)
+    extracted_hashes = {r.content_hash for r in plan.todo}
+
+    def result(store: FeatureStore, reasons: dict[str, str], extracted: int, cached: bool) -> ExtractionResult:
+        return ExtractionResult(
+            store=store, images_extracted=extracted, images_reused=store.n_rows - extracted,
+            images_skipped=[SkippedImage(path=r.path, reason=reasons[r.content_hash])
+                            for r in manifest.records if r.content_hash in reasons],
+            weights=plan.weights, precision=plan.precision, extraction_key=plan.key, cached=cached,
+            seconds=time.perf_counter() - started)
+
+    if plan.complete:
+        previous = open_store(plan.previous_store)
+        return result(previous, json.loads(previous.attrs.get("skipped", "{}")), 0, True)
+    cache = RowCache(Path(plan.parts_dir), plan.feature_dim).load(Path(plan.previous_store) if plan.previous_store else None)
+    missing = [r.path for r in plan.todo if r.content_hash not in cache.rows and r.content_hash not in cache.skipped]
+    if missing:
+        raise StoreError(f"{len(missing)} images have no committed shard (first: {missing[0]}); rerun to resume")
     kept = [r for r in manifest.records if r.content_hash in cache.rows]
     skipped = {r.content_hash: cache.skipped[r.content_hash] for r in manifest.records if r.content_hash in cache.skipped}
     attrs = {
-        "backbone": spec.name, "weights_source": weights.describe(), "image_size": extractor.image_size,
-        "pooling": settings.pooling, "precision": settings.resolved_precision(), "preprocessing": spec.preprocessing,
-        "resize": RESIZE, "dataset_root": manifest.root, "manifest_fingerprint": fingerprint, "extraction_key": key,
-        "skipped": json.dumps(skipped),
+        "backbone": spec.name, "weights_source": plan.weights.describe(), "image_size": plan.settings.resolved_size(),
+        "pooling": plan.settings.pooling, "precision": plan.precision, "preprocessing": spec.preprocessing,
+        "resize": RESIZE, "dataset_root": manifest.root, "manifest_fingerprint": manifest.fingerprint(),
+        "extraction_key": plan.key, "skipped": json.dumps(skipped),
     }
-    block = 8 * rows_per_chunk(extractor.feature_dim)
-    with create_store(store_path, feature_dim=extractor.feature_dim, label_names=manifest.class_names, attrs=attrs,
+    block = 8 * rows_per_chunk(plan.feature_dim)
+    with create_store(store_path, feature_dim=plan.feature_dim, label_names=manifest.class_names, attrs=attrs,
                       overwrite=True) as writer:
-        hashes = [r.content_hash for r in kept]
-        for start, features in zip(range(0, len(kept), block), cache.gather(hashes, block)):
+        for start, features in zip(range(0, len(kept), block), cache.gather([r.content_hash for r in kept], block)):
             rows = kept[start:start + block]
             writer.append(features, np.array([manifest.label_index(r.label) for r in rows], dtype=np.int64),
                           [r.path for r in rows], [r.split or "" for r in rows], [r.content_hash for r in rows])
     cache.clear()
-    extracted = sum(1 for r in kept if r.content_hash in todo)
-    return ExtractionResult(
-        store=open_store(store_path), images_extracted=extracted, images_reused=len(kept) - extracted,
-        images_skipped=[SkippedImage(path=r.path, reason=skipped[r.content_hash])
-                        for r in manifest.records if r.content_hash in skipped],
-        weights=weights, precision=settings.resolved_precision(), extraction_key=key,
-        seconds=time.perf_counter() - started)
+    return result(open_store(store_path), skipped, sum(1 for r in kept if r.content_hash in extracted_hashes), False)
+
+
+def extract_features(manifest: Manifest, store_path: Path, settings: ExtractionSettings, *,
+                     refresh: bool = False, decode_threads: int | None = None,
+                     prefetch_batches: int = 2, shard_images: int = SHARD_IMAGES) -> ExtractionResult:
+    """Bring the store at `store_path` up to date with the manifest, in this process.
+
+    Only images whose content has no row yet (for these settings) are decoded; broken ones are
+    skipped with a reason; rows of images no longer listed leave. The store is replaced atomically;
+    committed shards make a killed run resumable.
+    """
+    started = time.perf_counter()
+    plan = plan_extraction(manifest, store_path, settings, refresh=refresh)
+    extract_records(plan.todo, Path(manifest.root), plan, decode_threads=decode_threads,
+                    prefetch_batches=prefetch_batches, shard_images=shard_images)
+    return assemble_store(manifest, store_path, plan, started=started)
 
 
 def _extract_into_shards(records: Sequence[ImageRecord], root: Path, extractor: FeatureExtractor, cache: RowCache,

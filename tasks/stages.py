@@ -19,13 +19,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
-from storage.manifest import Manifest
+from storage.manifest import ImageRecord, Manifest
 from storage.output_layout import OutputLayout
 from storage.report import read_report_key, summary_markdown, write_report
 from storage.run_summary import RunSummary
-from tasks.backbones import get_backbone, resolve_weights
 from tasks.evaluation import Evaluation, evaluate_bundle, report_key
-from tasks.extraction import ExtractionResult, ExtractionSettings, extract_features, extraction_key, reusable_store
+from tasks.extraction import (ExtractionPlan, ExtractionResult, ExtractionSettings, assemble_store, extract_records,
+                              plan_extraction)
 from tasks.hashing import HashingStats, hash_manifest
 from tasks.listing import list_dataset
 from tasks.logs import stage_logger
@@ -60,27 +60,34 @@ def split(manifest: Manifest, test_size: float, seed: int) -> Manifest:
     return split_manifest(manifest, test_size=test_size, seed=seed)
 
 
-def _extraction_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    if parameters["refresh"]:
-        return None
-    settings: ExtractionSettings = parameters["settings"]
-    layout: OutputLayout = parameters["layout"]
-    manifest: Manifest = parameters["manifest"]
-    key = extraction_key(settings, resolve_weights(get_backbone(settings.backbone), settings.weights))
-    store = reusable_store(layout.store, key)
-    if store is None or store.attrs.get("manifest_fingerprint") != manifest.fingerprint():
-        return None
-    return f"extract-{layout.root}-{key}-{manifest.fingerprint()}"
+@task(name="plan extraction", cache_policy=NONE)
+def extraction_plan(manifest: Manifest, layout: OutputLayout, settings: ExtractionSettings, refresh: bool) -> ExtractionPlan:
+    plan = plan_extraction(manifest, layout.store, settings, refresh=refresh)
+    stage_logger().info("extract: %d images to extract with %s (%s, %s)%s", len(plan.todo), settings.backbone,
+                        plan.precision, plan.weights.describe(), "; the store is up to date" if plan.complete else "")
+    return plan
 
 
-@task(name="extract features", cache_key_fn=_extraction_cache_key, **CACHED_RESULTS)
-def feature_store(manifest: Manifest, layout: OutputLayout, settings: ExtractionSettings,
-                  refresh: bool) -> ExtractionResult:
-    result = extract_features(manifest, layout.store, settings, refresh=refresh)
+@task(name="extract shard", cache_policy=NONE, retries=2)
+def extracted_shard(records: list[ImageRecord], root: str, plan: ExtractionPlan) -> int:
+    """Decode and extract some images into a committed shard; a retry redoes only this shard."""
+    return extract_records(records, Path(root), plan)
+
+
+def _assembly_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    plan: ExtractionPlan = parameters["plan"]
+    if not plan.complete:  # the plan checked that the store exists, has these settings and this manifest
+        return None
+    return f"extract-{parameters['layout'].root}-{plan.key}-{parameters['manifest'].fingerprint()}"
+
+
+@task(name="write feature store", cache_key_fn=_assembly_cache_key, **CACHED_RESULTS)
+def feature_store(manifest: Manifest, layout: OutputLayout, plan: ExtractionPlan) -> ExtractionResult:
+    result = assemble_store(manifest, layout.store, plan)
     manifest.save(layout.manifest)
     log = stage_logger()
-    log.info("extract: %d images extracted in %.1f s, %d reused, %d skipped; weights: %s", result.images_extracted,
-             result.seconds, result.images_reused, len(result.images_skipped), result.weights.describe())
+    log.info("extract: %d images extracted, %d reused, %d skipped → %s", result.images_extracted,
+             result.images_reused, len(result.images_skipped), layout.store)
     for skipped in result.images_skipped:
         log.warning("skipped %s: %s", skipped.path, skipped.reason)
     return result
