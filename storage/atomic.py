@@ -23,27 +23,44 @@ def atomic_path(target: Path, *, overwrite: bool = False, is_dir: bool = False) 
     at rename time (another writer may have won meanwhile). On error the temporary is removed.
     """
     target = Path(target)
+    tmp = temp_dir_beside(target, overwrite=overwrite)
+    work = tmp if is_dir else tmp / target.name
+    try:
+        yield work
+        rename_into_place(work, target, overwrite=overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def temp_dir_beside(target: Path, *, overwrite: bool = False) -> Path:
+    """A new empty directory `.<name>.XXXX.tmp` beside `target`: same filesystem, so renaming is atomic.
+
+    The first half of `atomic_path`, for writes that outlive one `with` block (several processes
+    filling one directory, then one of them calling `rename_into_place`).
+    """
+    target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a renamed-in directory should look like any other
-    work = tmp if is_dir else tmp / target.name
-    try:
-        yield work
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} already exists")
-        if is_dir and target.exists():
-            # A directory cannot be renamed over a non-empty one: move the old aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(work, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def rename_into_place(work: Path, target: Path, *, overwrite: bool = False) -> None:
+    """Rename a finished file or directory `work` to `target` (the second half of `atomic_path`)."""
+    work, target = Path(work), Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists")
+    if work.is_dir() and target.exists():
+        # A directory cannot be renamed over a non-empty one: move the old aside first.
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old / "x")
+        os.replace(work, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, target)
 
 
 def _umask() -> int:
