@@ -29,6 +29,11 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
                         help="flatten is the classic recipe (VGG16 at 224: 25,088-d); default: %(default)s")
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
                         help="compute precision (default: the backbone's fastest measured; see BENCHMARKS.md)")
+    parser.add_argument("--store", choices=["hdf5", "zarr"], default=fields["store"].default,
+                        help="feature store: hdf5 (DIR/features.h5, the classic layout) or zarr (DIR/features.zarr) "
+                             "(default: %(default)s)")
+    parser.add_argument("--feature-dtype", choices=["float32", "float16"], default=fields["feature_dtype"].default,
+                        help="stored feature precision; float16 halves the bytes (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=fields["batch_size"].default, metavar="N",
                         help="images per inference call (default: %(default)s)")
     parser.add_argument("--test-size", type=float, default=fields["test_size"].default, metavar="F",
@@ -85,7 +90,8 @@ def _settings(args: argparse.Namespace, dataset: str, output: str, overwrite: bo
     return PipelineSettings(dataset=dataset, output=output, backbone=args.backbone, weights=args.weights,
                             image_size=args.image_size, pooling=args.pooling, precision=args.precision,
                             batch_size=args.batch_size, test_size=args.test_size, seed=args.seed, overwrite=overwrite,
-                            refresh=args.refresh, wait=args.wait, workers=args.workers, dask_address=args.dask_address)
+                            refresh=args.refresh, wait=args.wait, workers=args.workers, dask_address=args.dask_address,
+                            store=args.store, feature_dtype=args.feature_dtype)
 
 
 def _run_pipeline(settings) -> int:

@@ -37,7 +37,7 @@ def transfer_learning(settings: PipelineSettings) -> RunSummary:
     """
     started = time.perf_counter()
     with OutputLayout(root=settings.output).locked(wait=settings.wait):  # one writer per output folder
-        layout = stages.claimed_output(settings.output, settings.dataset, settings.overwrite)
+        layout = stages.claimed_output(settings.output, settings.dataset, settings.store, settings.overwrite)
         manifest, hashing = stages.listed_manifest(settings.dataset, settings.seed, layout, settings.refreshes("hash"))
         manifest = stages.split(manifest, settings.test_size, settings.seed)
         listed = time.perf_counter()

@@ -26,6 +26,8 @@ class PipelineSettings(BaseModel):
     pooling: Pooling = Field(default="avg", description="flatten (the classic recipe), avg or max over the last feature map.")
     precision: Precision | None = Field(default=None, description="Compute precision; empty: the backbone's fastest measured default.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
+    store: Literal["hdf5", "zarr"] = Field(default="hdf5", description="Feature store format: HDF5 (classic layout, one file) or zarr (a folder; parallel writes, dask/xarray).")
+    feature_dtype: Literal["float32", "float16"] = Field(default="float32", description="How features are stored; float16 halves the bytes.")
     test_size: float = Field(default=0.25, gt=0, lt=1, description="Fraction of each class held out for evaluation (ignored with train/ and test/ folders).")
     seed: int = Field(default=42, description="Seed of the shuffle, the split and cross-validation.")
     overwrite: bool = Field(default=False, description="Replace outputs in the folder that are not an earlier run on this dataset.")
@@ -51,7 +53,8 @@ class PipelineSettings(BaseModel):
 
     def extraction(self) -> ExtractionSettings:
         return ExtractionSettings(backbone=self.backbone, weights=self.weights, image_size=self.image_size,
-                                  pooling=self.pooling, precision=self.precision, batch_size=self.batch_size)
+                                  pooling=self.pooling, precision=self.precision, batch_size=self.batch_size,
+                                  feature_dtype=self.feature_dtype)
 
     def training(self) -> TrainingSettings:
         return TrainingSettings(seed=self.seed)

@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -16,12 +17,16 @@ from storage.errors import OutputExistsError, OutputLockedError
 LOCK_FILE = ".transfer-flow.lock"
 
 
+STORE_FILES = {"hdf5": "features.h5", "zarr": "features.zarr"}
+
+
 class OutputLayout(BaseModel):
     root: str
+    store_format: Literal["hdf5", "zarr"] = "hdf5"
 
     @property
     def store(self) -> Path:
-        return Path(self.root) / "features.h5"
+        return Path(self.root) / STORE_FILES[self.store_format]
 
     @property
     def manifest(self) -> Path:
@@ -40,7 +45,8 @@ class OutputLayout(BaseModel):
         return Path(self.root) / "run.json"
 
     def outputs(self) -> list[Path]:
-        return [self.store, self.manifest, self.model, self.report, self.run_summary]
+        stores = [Path(self.root) / name for name in STORE_FILES.values()]
+        return [*stores, self.manifest, self.model, self.report, self.run_summary]
 
     def claim(self, dataset: str, *, overwrite: bool) -> None:
         """Refuse before any work if DIR holds outputs that are not an earlier run on the same dataset.

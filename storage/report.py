@@ -32,7 +32,7 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
         f"- train / test images: {metrics['n_train']} / {metrics['n_test']}",
         f"- best C: {metrics['best_params'].get('C')}",
         f"- weights: {metrics['weights_source']}; image size {metrics['image_size']}, pooling {metrics['pooling']}, "
-        f"precision {metrics['precision']}",
+        f"precision {metrics['precision']}, features stored as {metrics.get('feature_dtype', 'float32')}",
     ])
 
 

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from storage.atomic import atomic_path
+from storage.feature_store import FeatureStore, open_store, read_contents, read_features
 
 SHARD_PATTERN = "shard-*.h5"
 
@@ -29,19 +30,24 @@ class RowCache:
     def __init__(self, parts_dir: Path, feature_dim: int):
         self.parts_dir = Path(parts_dir)
         self.feature_dim = feature_dim
-        self.rows: dict[str, tuple[Path, int]] = {}
+        self.rows: dict[str, tuple[str, int]] = {}  # hash → (store or shard, row)
         self.skipped: dict[str, str] = {}
+        self._stores: dict[str, FeatureStore] = {}  # the previous store, read through the store interface
 
-    def load(self, previous_store: Path | None) -> "RowCache":
-        """Index the previous store (if given) and every committed shard; stale temporaries are removed."""
-        sources = ([previous_store] if previous_store is not None else []) + self.shards()
-        for source in sources:
-            with h5py.File(source, "r") as file:
-                if file["features"].shape[1] != self.feature_dim:
-                    continue  # another width cannot be these settings' rows
-                for row, digest in enumerate(file["hashes"].asstr()[:]):
+    def load(self, previous_store: str | None) -> "RowCache":
+        """Index the previous store (HDF5 or zarr, if given) and every committed shard; stale temporaries go."""
+        if previous_store is not None:
+            store = open_store(previous_store)
+            if store.feature_dim == self.feature_dim:  # another width cannot be these settings' rows
+                for row, digest in enumerate(read_contents(store).hashes):
                     if digest:
-                        self.rows.setdefault(digest, (source, row))
+                        self.rows.setdefault(digest, (previous_store, row))
+                self.skipped.update(json.loads(store.attrs.get("skipped", "{}")))
+                self._stores[previous_store] = store
+        for shard in self.shards():
+            with h5py.File(shard, "r") as file:
+                for row, digest in enumerate(file["hashes"].asstr()[:]):
+                    self.rows.setdefault(digest, (str(shard), row))
                 self.skipped.update(json.loads(file.attrs.get("skipped", "{}")))
         if self.parts_dir.is_dir():
             for stale in self.parts_dir.glob(".*.tmp"):  # left by a killed run; we hold the output lock
@@ -63,32 +69,38 @@ class RowCache:
                 file.create_dataset("hashes", data=np.array(list(hashes), dtype=object), dtype=h5py.string_dtype())
                 file.attrs["skipped"] = json.dumps(skipped)
         for row, digest in enumerate(hashes):
-            self.rows.setdefault(digest, (target, row))
+            self.rows.setdefault(digest, (str(target), row))
         self.skipped.update(skipped)
         return target
 
     def gather(self, hashes: Sequence[str], block_rows: int) -> Iterator[np.ndarray]:
         """Features for `hashes`, in that order, a block at a time (memory: one block)."""
-        handles: dict[Path, h5py.File] = {}
+        shard_files: dict[str, h5py.File] = {}
+
+        def read(source: str, rows: np.ndarray) -> np.ndarray:
+            if source in self._stores:
+                return read_features(self._stores[source], rows)
+            if source not in shard_files:
+                shard_files[source] = h5py.File(source, "r")
+            return shard_files[source]["features"][rows]  # increasing indices, as h5py requires
+
         try:
             for start in range(0, len(hashes), block_rows):
                 block = hashes[start:start + block_rows]
                 out = np.empty((len(block), self.feature_dim), dtype=np.float32)
-                by_source: dict[Path, list[tuple[int, int]]] = defaultdict(list)
+                by_source: dict[str, list[tuple[int, int]]] = defaultdict(list)
                 for position, digest in enumerate(block):
                     source, row = self.rows[digest]
                     by_source[source].append((row, position))
                 for source, wanted in by_source.items():
-                    if source not in handles:
-                        handles[source] = h5py.File(source, "r")
                     rows = np.array(sorted({row for row, _ in wanted}))
-                    values = handles[source]["features"][rows]  # h5py reads increasing indices only
+                    values = read(source, rows)
                     lookup = {row: i for i, row in enumerate(rows)}
                     for row, position in wanted:
                         out[position] = values[lookup[row]]
                 yield out
         finally:
-            for handle in handles.values():
+            for handle in shard_files.values():
                 handle.close()
 
     def clear(self) -> None:

@@ -11,13 +11,14 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from storage.errors import OutputExistsError, StoreError, UnreadableImageError
-from storage.feature_store import FeatureStore, create_store, open_store, package_version, rows_per_chunk
+from storage.feature_store import FeatureStore, create_store, open_store, package_version, rows_per_chunk, store_exists
 from storage.manifest import ImageRecord, Manifest
 from storage.row_cache import RowCache
 from tasks.backbones import (Pooling, Precision, ResolvedWeights, build_feature_model, get_backbone, resolve_precision,
@@ -35,6 +36,7 @@ class ExtractionSettings(BaseModel):
     pooling: Pooling = Field(default="avg", description="How the last feature map becomes a vector.")
     precision: Precision | None = Field(default=None, description="Compute precision; default: the backbone's fastest measured here.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
+    feature_dtype: Literal["float32", "float16"] = Field(default="float32", description="How features are stored; float16 halves the bytes.")
 
     def resolved_size(self) -> int:
         return self.image_size or get_backbone(self.backbone).native_size
@@ -68,7 +70,7 @@ def extraction_key(settings: ExtractionSettings, weights: ResolvedWeights) -> st
     """Identifies the values of a row: settings, weights identity and code version (never the dataset)."""
     spec = get_backbone(settings.backbone)
     parts = [spec.name, weights.identity(), settings.resolved_size(), settings.pooling, settings.resolved_precision(),
-             spec.preprocessing, RESIZE, EXTRACTION_CODE_VERSION, package_version()]
+             settings.feature_dtype, spec.preprocessing, RESIZE, EXTRACTION_CODE_VERSION, package_version()]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -121,8 +123,6 @@ RESIZE = "bilinear, straight to image_size (no crop)"
 
 def reusable_store(store_path: Path, key: str) -> FeatureStore | None:
     """The store at `store_path` if it is complete, readable and made with extraction settings `key`."""
-    if not Path(store_path).is_file():
-        return None
     try:
         store = open_store(store_path)
     except StoreError:
@@ -161,7 +161,7 @@ def plan_extraction(manifest: Manifest, store_path: Path, settings: ExtractionSe
     weights = resolve_weights(spec, settings.weights)
     settings = settings.model_copy(update={"precision": resolve_precision(spec, settings.precision)})
     key = extraction_key(settings, weights)
-    if Path(store_path).exists() and not _is_store(store_path):
+    if store_exists(store_path) and not _is_store(store_path):
         raise OutputExistsError(f"{store_path} exists and is not a feature store: refusing to replace it")
     previous = None if refresh else reusable_store(store_path, key)
     feature_dim = spec.feature_dim(settings.pooling, settings.resolved_size())
@@ -174,7 +174,7 @@ def plan_extraction(manifest: Manifest, store_path: Path, settings: ExtractionSe
     cache = RowCache(parts_dir, feature_dim)
     if refresh:
         cache.clear()
-    cache.load(Path(plan.previous_store) if plan.previous_store else None)
+    cache.load(plan.previous_store)
     todo: dict[str, ImageRecord] = {}
     for record in manifest.records:
         if record.content_hash not in cache.rows and record.content_hash not in cache.skipped:
@@ -224,7 +224,7 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan, *
     if plan.complete:
         previous = open_store(plan.previous_store)
         return result(previous, json.loads(previous.attrs.get("skipped", "{}")), 0, True)
-    cache = RowCache(Path(plan.parts_dir), plan.feature_dim).load(Path(plan.previous_store) if plan.previous_store else None)
+    cache = RowCache(Path(plan.parts_dir), plan.feature_dim).load(plan.previous_store)
     missing = [r.path for r in plan.todo if r.content_hash not in cache.rows and r.content_hash not in cache.skipped]
     if missing:
         raise StoreError(f"{len(missing)} images have no committed shard (first: {missing[0]}); rerun to resume")
@@ -233,12 +233,12 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan, *
     attrs = {
         "backbone": spec.name, "weights_source": plan.weights.describe(), "image_size": plan.settings.resolved_size(),
         "pooling": plan.settings.pooling, "precision": plan.precision, "preprocessing": spec.preprocessing,
-        "resize": RESIZE, "dataset_root": manifest.root, "manifest_fingerprint": manifest.fingerprint(),
+        "resize": RESIZE, "feature_dtype": plan.settings.feature_dtype, "dataset_root": manifest.root, "manifest_fingerprint": manifest.fingerprint(),
         "extraction_key": plan.key, "skipped": json.dumps(skipped),
     }
     block = 8 * rows_per_chunk(plan.feature_dim)
     with create_store(store_path, feature_dim=plan.feature_dim, label_names=manifest.class_names, attrs=attrs,
-                      overwrite=True) as writer:
+                      dtype=plan.settings.feature_dtype, overwrite=True) as writer:
         for start, features in zip(range(0, len(kept), block), cache.gather([r.content_hash for r in kept], block)):
             rows = kept[start:start + block]
             writer.append(features, np.array([manifest.label_index(r.label) for r in rows], dtype=np.int64),

@@ -36,8 +36,8 @@ CACHED_RESULTS = dict(persist_result=True, result_serializer="json")
 
 
 @task(name="claim output", cache_policy=NONE)
-def claimed_output(output: str, dataset: str, overwrite: bool) -> OutputLayout:
-    layout = OutputLayout(root=output)
+def claimed_output(output: str, dataset: str, store_format: str, overwrite: bool) -> OutputLayout:
+    layout = OutputLayout(root=output, store_format=store_format)
     layout.claim(dataset, overwrite=overwrite)
     return layout
 
@@ -128,7 +128,9 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
         "accuracy": result.accuracy, "macro_f1": result.macro_f1, "n_train": result.n_train, "n_test": result.n_test,
         "best_params": result.best_params, "head": spec.head, "backbone": spec.backbone,
         "weights_source": extraction.weights.describe(), "image_size": spec.image_size, "pooling": spec.pooling,
-        "precision": spec.precision, "feature_dim": spec.feature_dim, "class_names": result.class_names,
+        "precision": spec.precision, "feature_dim": spec.feature_dim,
+        "feature_dtype": extraction.store.attrs.get("feature_dtype", "float32"), "store": str(layout.store),
+        "class_names": result.class_names,
         "per_class": result.per_class, "confusion": result.confusion, "stage_key": key,
     }
     kept = not refresh and read_report_key(layout.report) == key  # same head on the same rows: the report stands

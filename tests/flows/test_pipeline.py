@@ -90,6 +90,21 @@ def test_warm_rerun_reuses_every_stage_and_a_deleted_artefact_is_rebuilt(prefect
     assert (refreshed.cached.extract, refreshed.cached.train) == (True, False)
 
 
+def test_zarr_store_in_float16_is_written_reused_and_trained_on(prefect_api, colour_dataset, tmp_path):
+    settings = PipelineSettings(dataset=str(colour_dataset), output=str(tmp_path / "out"), store="zarr",
+                                feature_dtype="float16", **FAST)
+    cold = transfer_learning(settings)
+    assert cold.store.endswith("features.zarr") and (tmp_path / "out" / "features.zarr").is_dir()
+    store = open_store(tmp_path / "out" / "features.zarr")
+    assert store.n_rows == 24 and store.attrs["feature_dtype"] == "float16"
+    warm = transfer_learning(settings)
+    assert (warm.images_extracted, warm.images_reused, warm.cached.extract) == (0, 24, True)
+    grown = transfer_learning(settings.model_copy(update={"feature_dtype": "float32"}))
+    assert grown.images_extracted == 24  # another storage precision never shares rows
+    metrics = json.loads((tmp_path / "out" / "report" / "metrics.json").read_text())
+    assert metrics["feature_dtype"] == "float32"
+
+
 def test_dataset_with_one_class_is_a_clear_error(prefect_api, tmp_path):
     from PIL import Image
 
