@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("backbones", help="list backbones and whether pretrained weights are available offline",
                         description="Every backbone with its native input size, feature dimension per pooling, "
                                     "default precision and where ImageNet weights would come from right now.")
+    from deployments.commands import add_deployment_commands
+
+    add_deployment_commands(commands)  # server, serve, watch: each sets its own handler
     return parser
 
 
@@ -150,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run_pipeline(_settings(args, args.dataset, args.output, args.overwrite))
         if args.command == "demo":
             return _demo(args)
-        return _backbones()
+        if args.command == "backbones":
+            return _backbones()
+        return args.handler(args)
     except (TransferFlowError, ValidationError) as error:
         if args.debug:
             raise
