@@ -216,8 +216,11 @@ def _show_watch_log() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m deployments.commands server|serve|watch ...`, for use before flows/cli.py wires these in."""
+    import os
+
     from storage.errors import TransferFlowError
 
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as flows/cli.py does; served runs inherit it
     parser = argparse.ArgumentParser(prog="transfer-flow")
     add_deployment_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)

@@ -87,6 +87,7 @@ def run_server(home: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     check_port_free(host, port)
     url = api_url(host, port)
     process = subprocess.Popen(server_command(host, port), env=server_environment(prefect_home))
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         wait_until_healthy(url, process)
         echo("")
@@ -103,11 +104,19 @@ def run_server(home: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     except BaseException:
         _stop(process)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum, frame) -> None:
+    # `kill`, a closed terminal or a service manager: stop the server like Ctrl-C does, never orphan it.
+    raise KeyboardInterrupt
 
 
 def _stop(process: subprocess.Popen) -> int:
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        process.terminate()  # SIGTERM: honoured even where SIGINT is ignored (background jobs of scripts)
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:

@@ -123,6 +123,9 @@ def real_server(tmp_path):
                 process.wait()
         process.stdout.close()
     assert process.returncode == 0
+    with socket.socket() as probe:  # the `prefect server start` child went with it
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
 
 
 def test_server_serve_inspect_and_a_triggered_run_on_a_real_server(real_server, colour_dataset):
