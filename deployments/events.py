@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any
-
-from prefect.events import Event
+from typing import TYPE_CHECKING, Any
 
 from storage.errors import SettingsError
+
+if TYPE_CHECKING:
+    from prefect.events import Event
 
 DATASET_ARRIVED = "transfer-flow.dataset.arrived"
 RESOURCE_PREFIX = "transfer-flow.dataset."
 
 
 def dataset_arrived(path: str, name: str, version: str, *, files: int = 0, bytes: int = 0,
-                    event_id: str | None = None) -> Event:
+                    event_id: str | None = None) -> "Event":
+    from prefect.events import Event  # imported when used: `transfer-flow --help` need not load Prefect
+
     payload: dict[str, Any] = {"path": path, "name": name, "version": version, "files": files, "bytes": bytes}
     return Event(
         id=uuid.UUID(event_id) if event_id else uuid.uuid4(),
@@ -45,7 +48,7 @@ def require_api_url() -> str:
     return str(url)
 
 
-def send(event: Event) -> None:
+def send(event: "Event") -> None:
     """Send one event and return once the server has received it (a websocket round trip)."""
     from prefect.events.clients import get_events_client
     from prefect.utilities.asyncutils import run_coro_as_sync
@@ -60,7 +63,7 @@ def send(event: Event) -> None:
     run_coro_as_sync(_send())
 
 
-def announce(folder: str | Path, *, version: str | None = None) -> Event:
+def announce(folder: str | Path, *, version: str | None = None) -> "Event":
     """Announce a dataset folder by hand (no watcher, no state): one event, sent now."""
     from deployments.watch import snapshot
 
