@@ -161,3 +161,11 @@ async def _flow_runs():
 
     async with get_client() as client:
         return await client.read_flow_runs()
+
+
+def test_the_transfer_flow_command_dispatches_to_these_handlers(capsys):
+    from flows.cli import EXIT_USER_ERROR, main
+
+    assert main(["serve", "--register-only", "--cron", "at two"]) == EXIT_USER_ERROR
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("transfer-flow: error: --cron")
