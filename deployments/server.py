@@ -76,6 +76,21 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = STA
     raise SettingsError(f"The Prefect server did not answer at {url} within {timeout:.0f} s")
 
 
+def running_local_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str | None:
+    """The API URL of a server answering at the default `transfer-flow server` address, else None.
+
+    Lets a plain `transfer-flow run` use a server that is already up (its runs then show in the UI)
+    instead of paying ~6 s for a temporary one; a refused connection answers at once.
+    """
+    import httpx
+
+    url = api_url(host, port)
+    try:
+        return url if httpx.get(f"{url}/health", timeout=0.5).status_code == 200 else None
+    except httpx.HTTPError:
+        return None
+
+
 def run_server(home: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                echo: Callable[[str], None] = print) -> int:
     """Start the server, print where it is, wait for it to stop; returns its exit code."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from deployments.commands import add_deployment_commands
-from deployments.server import is_loopback
+from deployments.server import is_loopback, running_local_server
 from storage.errors import SettingsError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +59,10 @@ def test_server_refuses_a_port_in_use(tmp_path):
         args = parser().parse_args(["server", "--home", str(tmp_path), "--port", str(busy.getsockname()[1])])
         with pytest.raises(SettingsError, match="already running"):
             args.handler(args)
+
+
+def test_no_running_server_is_found_on_a_free_port():
+    assert running_local_server("127.0.0.1", free_port()) is None
 
 
 def test_only_loopback_addresses_count_as_local():
@@ -137,6 +141,7 @@ def test_server_serve_inspect_and_a_triggered_run_on_a_real_server(real_server, 
     api = f"http://127.0.0.1:{port}/api"
     assert f"UI:  http://127.0.0.1:{port}" in printed and f"export PREFECT_API_URL={api}" in printed
     assert (tmp_path / "home" / "prefect" / "prefect.db").is_file()
+    assert running_local_server("127.0.0.1", port) == api  # a plain `transfer-flow run` would use it
     env = client_env(tmp_path, api)
     serve = subprocess.run([*COMMANDS, "serve", "--register-only", "--home", str(tmp_path / "home"), "--dataset",
                             str(colour_dataset), "--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32"],
