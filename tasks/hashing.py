@@ -7,11 +7,13 @@ bytes are always seen, while an unchanged dataset costs one stat per file and no
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydantic import BaseModel
+from tqdm import tqdm
 
 from storage.manifest import ImageRecord, Manifest
 
@@ -53,9 +55,11 @@ def hash_manifest(manifest: Manifest, previous: Manifest | None = None, *, refre
             hashes[record.path] = old.content_hash
         else:
             todo.append(record)
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
+    with ThreadPoolExecutor(HASH_THREADS) as pool, tqdm(total=len(todo), unit="img", desc="hash",
+                                                        disable=not todo or not sys.stderr.isatty()) as progress:
         for record, digest in zip(todo, pool.map(lambda r: _hash_or_unreadable(root / r.path), todo)):
             hashes[record.path] = digest
+            progress.update()
     records = [r.model_copy(update={"content_hash": hashes[r.path]}) for r in manifest.records]
     stats = HashingStats(images_hashed=len(todo), bytes_hashed=sum(r.size for r in todo),
                          images_reused=len(manifest.records) - len(todo), seconds=time.perf_counter() - started)
