@@ -29,6 +29,10 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
                         help="flatten is the classic recipe (VGG16 at 224: 25,088-d); default: %(default)s")
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
                         help="compute precision (default: the backbone's fastest measured; see BENCHMARKS.md)")
+    parser.add_argument("--head", choices=["logreg", "linear-svm", "sgd", "dense"], default=fields["head"].default,
+                        help="classifier: logreg or linear-svm (grid over C, cross-validated), sgd (out of core: reads "
+                             "the store in blocks), dense (Keras Dense 256 + Dropout 0.5, early stopping) "
+                             "(default: %(default)s)")
     parser.add_argument("--store", choices=["hdf5", "zarr"], default=fields["store"].default,
                         help="feature store: hdf5 (DIR/features.h5, the classic layout) or zarr (DIR/features.zarr) "
                              "(default: %(default)s)")
@@ -64,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the pipeline on a dataset folder",
                               description="List DATASET (one sub-folder per class; train/ and test/ honoured), "
-                                          "extract features, train logistic regression (grid over C), write a report.")
+                                          "extract features, train a head (--head; default logistic regression with a grid over C), "
+                                          "write a report.")
     run.add_argument("dataset", metavar="DATASET", help="folder with one sub-folder per class")
     run.add_argument("--output", "-o", required=True, metavar="DIR",
                      help="folder for features.h5, manifest.json, model/, report/ and run.json")
@@ -77,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
                                            "DIR/dataset, then run the pipeline into DIR/run (a second demo reuses the first's work).")
     demo.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="default: %(default)s")
     _add_pipeline_options(demo)
+
+    predict = commands.add_parser(
+        "predict", help="label new images with a trained bundle",
+        description="Label image files and folders (recursed) with the bundle a run wrote (DIR/model, or DIR itself), "
+                    "through the same decoding, preprocessing and backbone as its training images. Unreadable files "
+                    "get a row with an error, not a failure. CSV columns: path,label,confidence, then label_2,"
+                    "confidence_2 … up to --top-k, then error.")
+    predict.add_argument("bundle", metavar="BUNDLE", help="model bundle folder, or a run's output folder")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (recursed)")
+    predict.add_argument("--output", "-o", metavar="CSV", help="write the CSV here (default: print it)")
+    predict.add_argument("--top-k", type=int, default=3, metavar="K", help="labels per image, best first (default: %(default)s)")
+    predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per inference call (default: %(default)s)")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --output CSV")
 
     commands.add_parser("backbones", help="list backbones and whether pretrained weights are available offline",
                         description="Every backbone with its native input size, feature dimension per pooling, "
@@ -94,7 +112,7 @@ def _settings(args: argparse.Namespace, dataset: str, output: str, overwrite: bo
                             image_size=args.image_size, pooling=args.pooling, precision=args.precision,
                             batch_size=args.batch_size, test_size=args.test_size, seed=args.seed, overwrite=overwrite,
                             refresh=args.refresh, wait=args.wait, workers=args.workers, dask_address=args.dask_address,
-                            store=args.store, feature_dtype=args.feature_dtype)
+                            store=args.store, feature_dtype=args.feature_dtype, head=args.head)
 
 
 def _run_pipeline(settings) -> int:
@@ -106,6 +124,7 @@ def _run_pipeline(settings) -> int:
     for skipped in summary.images_skipped:
         print(f"  skipped {skipped.path}: {skipped.reason}")
     print(f"report:  {Path(summary.report) / 'report.md'}")
+    print(f"html:    {Path(summary.report) / 'report.html'}")
     print(f"summary: {Path(settings.output) / 'run.json'}")
     return 0
 
@@ -117,6 +136,21 @@ def _demo(args: argparse.Namespace) -> int:
     dataset = write_digits_dataset(root / "dataset")
     # A second demo into the same folder updates the first (a warm rerun: nothing is re-extracted).
     return _run_pipeline(_settings(args, str(dataset), str(root / "run"), overwrite=False))
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from flows.predict import batch_prediction
+    from flows.settings import PredictionSettings
+    from storage.predictions import predictions_csv_text
+
+    settings = PredictionSettings(bundle=args.bundle, paths=args.paths, output=args.output, top_k=args.top_k,
+                                  batch_size=args.batch_size, overwrite=args.overwrite)
+    summary = batch_prediction(settings)
+    if settings.output is None:
+        sys.stdout.write(predictions_csv_text([r.csv_row(settings.top_k) for r in summary.rows], settings.top_k))
+    else:
+        print(f"\n{summary.images} images labelled ({summary.failed} unreadable) → {settings.output}")
+    return 0
 
 
 def _backbones() -> int:
@@ -153,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_pipeline(_settings(args, args.dataset, args.output, args.overwrite))
         if args.command == "demo":
             return _demo(args)
+        if args.command == "predict":
+            return _predict(args)
         if args.command == "backbones":
             return _backbones()
         return args.handler(args)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from tasks.backbones import BACKBONES, DEFAULT_BACKBONE, Pooling, Precision
 from tasks.extraction import ExtractionSettings
-from tasks.training import TrainingSettings
+from tasks.training import HeadName, TrainingSettings
 
 BackboneName = Literal[tuple(BACKBONES)]  # an enum in the UI form
 RefreshStage = Literal["hash", "extract", "train", "report", "all"]
@@ -26,6 +26,7 @@ class PipelineSettings(BaseModel):
     pooling: Pooling = Field(default="avg", description="flatten (the classic recipe), avg or max over the last feature map.")
     precision: Precision | None = Field(default=None, description="Compute precision; empty: the backbone's fastest measured default.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
+    head: HeadName = Field(default="logreg", description="Classifier on the features: logreg, linear-svm (grids over C), sgd (out of core), dense (Keras MLP).")
     store: Literal["hdf5", "zarr"] = Field(default="hdf5", description="Feature store format: HDF5 (classic layout, one file) or zarr (a folder; parallel writes, dask/xarray).")
     feature_dtype: Literal["float32", "float16"] = Field(default="float32", description="How features are stored; float16 halves the bytes.")
     test_size: float = Field(default=0.25, gt=0, lt=1, description="Fraction of each class held out for evaluation (ignored with train/ and test/ folders).")
@@ -57,4 +58,15 @@ class PipelineSettings(BaseModel):
                                   feature_dtype=self.feature_dtype)
 
     def training(self) -> TrainingSettings:
-        return TrainingSettings(seed=self.seed)
+        return TrainingSettings(head=self.head, seed=self.seed)
+
+
+class PredictionSettings(BaseModel):
+    """Settings of one batch prediction: a trained bundle and images in, one labelled row per image out."""
+
+    bundle: str = Field(description="A model bundle folder (DIR/model of a run), or the run's output folder.")
+    paths: list[str] = Field(min_length=1, description="Image files and folders (recursed) to label.")
+    output: str | None = Field(default=None, description="CSV to write; empty: the rows are only returned (the CLI prints them).")
+    top_k: int = Field(default=3, ge=1, description="Labels per image, best first: label, label_2 … label_K.")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
+    overwrite: bool = Field(default=False, description="Replace an existing output CSV.")

@@ -1,15 +1,20 @@
 """Model bundles: a trained head plus everything needed to label new images the same way.
 
-The head is stored with skops (no pickle), and its SHA-256 is recorded in bundle.json and checked
-before loading, so an altered or swapped file is refused rather than deserialised.
+A scikit-learn head is stored with skops (no pickle), a Keras head as a `.keras` file loaded with
+`safe_mode=True` (no Python code in lambdas). Either way its SHA-256 is recorded in bundle.json and
+checked before loading (the checked bytes are the ones deserialised), so an altered or swapped file
+is refused rather than read.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
 
 from pydantic import BaseModel, Field
 
@@ -17,6 +22,8 @@ from storage.atomic import atomic_path
 from storage.errors import BundleError, OutputExistsError
 
 HEAD_FILE = "head.skops"
+KERAS_HEAD_FILE = "head.keras"
+HEAD_FILES = {"skops": HEAD_FILE, "keras": KERAS_HEAD_FILE}
 METADATA_FILE = "bundle.json"
 _TRUSTED_MODULE_PREFIXES = ("sklearn.", "numpy.", "builtins.")  # what a scikit-learn head may contain
 
@@ -29,8 +36,10 @@ class BundleMetadata(BaseModel):
     precision: str
     preprocessing: str
     feature_dim: int
+    feature_dtype: str = Field(default="float32", description="How the training features were stored (float16 rounds).")
     class_names: list[str]
     head: str
+    head_format: Literal["skops", "keras"] = Field(default="skops", description="How the head file is stored.")
     head_params: dict[str, Any] = Field(default_factory=dict)
     store_fingerprint: str
     stage_key: str = Field(default="", description="Cache key of the training that made this bundle.")
@@ -45,6 +54,29 @@ class ModelBundle(BaseModel):
 
     path: str
     metadata: BundleMetadata
+
+    @property
+    def head_path(self) -> Path:
+        return Path(self.path) / HEAD_FILES[self.metadata.head_format]
+
+
+class KerasHead:
+    """A Keras classifier seen as a scikit-learn one: predict (class indices) and predict_proba."""
+
+    def __init__(self, model: Any, sha256: str):
+        self.model = model
+        self.sha256_ = sha256  # what the registry fingerprints (trailing underscore: a fitted attribute)
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict(np.asarray(features, np.float32), verbose=0, batch_size=1024))
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return np.argmax(self.predict_proba(features), axis=1)
+
+
+def _is_keras_model(head: Any) -> bool:
+    return any(cls.__module__.startswith("keras") and cls.__name__ in ("Model", "Sequential", "Functional")
+               for cls in type(head).__mro__)
 
 
 def _versions() -> dict[str, str]:
@@ -62,16 +94,22 @@ def save_bundle(directory: Path, head: Any, bundle_metadata: BundleMetadata, *, 
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise OutputExistsError(f"Model bundle {directory} already exists (pass --overwrite to replace it)")
-    import skops.io as sio  # deferred: it imports scikit-learn's whole type registry (seconds)
-
-    payload = sio.dumps(head)
-    final = bundle_metadata.model_copy(update={
-        "head_sha256": hashlib.sha256(payload).hexdigest(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "library_versions": _versions(),
-    })
+    head_format = "keras" if _is_keras_model(head) else "skops"
     with atomic_path(directory, overwrite=overwrite, is_dir=True) as tmp:
-        (tmp / HEAD_FILE).write_bytes(payload)
+        tmp.mkdir(parents=True, exist_ok=True)
+        head_file = tmp / HEAD_FILES[head_format]
+        if head_format == "keras":
+            head.save(head_file)
+        else:
+            import skops.io as sio  # deferred: it imports scikit-learn's whole type registry (seconds)
+
+            head_file.write_bytes(sio.dumps(head))
+        final = bundle_metadata.model_copy(update={
+            "head_format": head_format,
+            "head_sha256": hashlib.sha256(head_file.read_bytes()).hexdigest(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "library_versions": _versions(),
+        })
         (tmp / METADATA_FILE).write_text(final.model_dump_json(indent=2), encoding="utf-8")
     return ModelBundle(path=str(directory), metadata=final)
 
@@ -84,22 +122,44 @@ def read_bundle_metadata(directory: Path) -> BundleMetadata:
 
 
 def load_head(bundle: ModelBundle) -> Any:
-    """The trained head, after checking its hash and that it holds only scikit-learn/numpy types."""
-    payload = (Path(bundle.path) / HEAD_FILE).read_bytes()
-    if hashlib.sha256(payload).hexdigest() != bundle.metadata.head_sha256:
-        raise BundleError(f"{bundle.path}/{HEAD_FILE} does not match the hash recorded in {METADATA_FILE}: refusing to load it")
+    """The trained head, after checking its hash; a skops head must hold only scikit-learn/numpy types,
+    a Keras head is loaded with safe_mode (no arbitrary code). Both answer predict and predict_proba or
+    decision_function like a scikit-learn classifier."""
+    source = bundle.head_path
+    try:
+        payload = source.read_bytes()
+    except OSError as error:
+        raise BundleError(f"{source} cannot be read ({error.strerror or error}): the bundle is incomplete") from None
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != bundle.metadata.head_sha256:
+        raise BundleError(f"{source} does not match the hash recorded in {METADATA_FILE}: refusing to load it")
+    if bundle.metadata.head_format == "keras":
+        return KerasHead(_load_keras(payload), digest)
     import skops.io as sio
 
     untrusted = sio.get_untrusted_types(data=payload)
     unexpected = [t for t in untrusted if not t.startswith(_TRUSTED_MODULE_PREFIXES)]
     if unexpected:
-        raise BundleError(f"{bundle.path}/{HEAD_FILE} contains unexpected types: {', '.join(unexpected)}")
+        raise BundleError(f"{source} contains unexpected types: {', '.join(unexpected)}")
     return sio.loads(payload, trusted=untrusted)
+
+
+def _load_keras(payload: bytes) -> Any:
+    """Load the very bytes whose hash was checked (a private copy: the file cannot change in between)."""
+    import keras
+
+    with tempfile.TemporaryDirectory(prefix="transfer-flow-head-") as folder:
+        copy = Path(folder) / KERAS_HEAD_FILE
+        copy.write_bytes(payload)
+        try:
+            return keras.saving.load_model(copy, compile=False, safe_mode=True)
+        except Exception as error:  # noqa: BLE001 - Keras raises many kinds on a malformed or unsafe file
+            raise BundleError(f"The Keras head cannot be loaded safely: {str(error).splitlines()[0][:200]}") from error
 
 
 def head_matches(bundle: ModelBundle) -> bool:
     """The head file is there and is the one bundle.json describes."""
-    head = Path(bundle.path) / HEAD_FILE
+    head = bundle.head_path
     return head.is_file() and hashlib.sha256(head.read_bytes()).hexdigest() == bundle.metadata.head_sha256
 
 

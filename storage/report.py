@@ -1,6 +1,11 @@
-"""Report files: metrics.json (machine-readable), report.md and confusion_matrix.png, written as one directory."""
+"""Report files, written as one directory: metrics.json (machine-readable), report.md, report.html
+(self-contained: every picture embedded as a PNG data URI), confusion_matrix.png and, for heads that
+train by epochs, training_curves.png."""
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -11,9 +16,12 @@ matplotlib.use("Agg")  # files only: never open a window, work without a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from storage.atomic import atomic_path  # noqa: E402
+
+HTML_FILE = "report.html"
 
 
 def confusion_table_markdown(class_names: list[str], confusion: list[list[int]]) -> str:
@@ -23,6 +31,10 @@ def confusion_table_markdown(class_names: list[str], confusion: list[list[int]])
     return "\n".join([header, rule, *rows])
 
 
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "—"
+
+
 def summary_markdown(metrics: dict[str, Any]) -> str:
     """The headline block shared by report.md and the Prefect markdown artifact."""
     return "\n".join([
@@ -30,43 +42,164 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
         "",
         f"- accuracy: **{metrics['accuracy']:.4f}**, macro F1: **{metrics['macro_f1']:.4f}**",
         f"- train / test images: {metrics['n_train']} / {metrics['n_test']}",
-        f"- best C: {metrics['best_params'].get('C')}",
+        f"- best {_params_text(metrics['best_params'])}",
         f"- weights: {metrics['weights_source']}; image size {metrics['image_size']}, pooling {metrics['pooling']}, "
         f"precision {metrics['precision']}, features stored as {metrics.get('feature_dtype', 'float32')}",
     ])
 
 
-def _confusion_png(target: Path, class_names: list[str], confusion: list[list[int]]) -> None:
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def confusion_png(class_names: list[str], confusion: list[list[int]]) -> bytes:
     side = max(4.0, 0.6 * len(class_names) + 2)
     figure, axes = plt.subplots(figsize=(side, side))
     ConfusionMatrixDisplay(np.asarray(confusion), display_labels=class_names).plot(
         ax=axes, cmap="Blues", colorbar=False, xticks_rotation=45 if len(class_names) > 6 else "horizontal")
     axes.set_title("Confusion matrix (test split)")
     figure.tight_layout()
-    figure.savefig(target, dpi=110)
-    plt.close(figure)
+    return _png(figure)
+
+
+def curves_png(history: dict[str, list[float]]) -> bytes | None:
+    """Loss and accuracy per epoch, train and validation side by side; None without a history."""
+    panels = [name for name in ("loss", "accuracy") if history.get(name)]
+    if not panels:
+        return None
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        epochs = np.arange(1, len(history[name]) + 1)
+        ax.plot(epochs, history[name], label="train")
+        if history.get(f"val_{name}"):
+            ax.plot(epochs, history[f"val_{name}"], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.tight_layout()
+    return _png(figure)
+
+
+def thumbnail_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
+h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+.cards{display:flex;gap:1rem;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:8px;padding:.7rem 1rem;min-width:8rem}
+.card b{display:block;font-size:1.6rem}.card span{color:#666;font-size:.85rem}
+table{border-collapse:collapse;font-size:.9rem}th,td{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}
+th:first-child,td:first-child{text-align:left}tr:nth-child(even){background:#f7f7f7}
+.low{background:#fde2e2}.settings td{text-align:left}
+.gallery{display:flex;flex-wrap:wrap;gap:.8rem}.gallery figure{margin:0;width:150px;font-size:.78rem}
+.gallery img{width:150px;height:150px;image-rendering:pixelated;border:1px solid #ccc;object-fit:contain;background:#eee}
+.gallery .missing{width:150px;height:150px;border:1px dashed #ccc;display:flex;align-items:center;justify-content:center;color:#999}
+figcaption{overflow-wrap:anywhere}.wrong{color:#b00020}
+"""
+
+
+def report_html(metrics: dict[str, Any], pictures: dict[str, bytes], gallery: list[tuple[bytes | None, dict]]) -> str:
+    """One self-contained page: every picture is a data URI, nothing is fetched from anywhere. Void
+    elements are self-closed, so the page is well-formed XML too (xml.etree reads it)."""
+    e = html.escape
+    names = metrics["class_names"]
+    cards = [("accuracy", f"{metrics['accuracy']:.4f}"), ("macro F1", f"{metrics['macro_f1']:.4f}"),
+             ("train images", str(metrics["n_train"])), ("test images", str(metrics["n_test"]))]
+    settings = [("head", metrics["head"]), ("best", _params_text(metrics["best_params"])),
+                ("backbone", metrics["backbone"]), ("weights", metrics["weights_source"]),
+                ("image size", metrics["image_size"]), ("pooling", metrics["pooling"]),
+                ("precision", metrics["precision"]), ("features", f"{metrics['feature_dim']}-d, stored as "
+                                                                   f"{metrics.get('feature_dtype', 'float32')}"),
+                ("feature store", metrics["store"])]
+    rows = []
+    for name in names:
+        scores = metrics["per_class"][name]
+        low = ' class="low"' if scores["f1-score"] < metrics["macro_f1"] - 0.1 else ""
+        rows.append(f"<tr{low}><td>{e(name)}</td><td>{scores['precision']:.4f}</td><td>{scores['recall']:.4f}</td>"
+                    f"<td>{scores['f1-score']:.4f}</td><td>{int(scores['support'])}</td></tr>")
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8"/>',
+        f"<title>transfer-flow report: {e(metrics['backbone'])} + {e(metrics['head'])}</title>",
+        f"<style>{_STYLE}</style>", "</head>", "<body>",
+        f"<h1>transfer-flow report: {e(metrics['backbone'])} + {e(metrics['head'])}</h1>",
+        '<div class="cards">', *[f"<div class=\"card\"><b>{e(v)}</b><span>{e(k)}</span></div>" for k, v in cards],
+        "</div>",
+        '<h2>Run</h2>', '<table class="settings">',
+        *[f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in settings], "</table>",
+        "<h2>Per-class metrics</h2>", "<table>",
+        "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>", *rows, "</table>",
+        "<h2>Confusion matrix</h2>",
+        f'<img src="{_data_uri(pictures["confusion_matrix"])}" alt="confusion matrix of the test split"/>',
+    ]
+    if pictures.get("training_curves"):
+        parts += ["<h2>Training curves</h2>",
+                  f'<img src="{_data_uri(pictures["training_curves"])}" alt="loss and accuracy per epoch"/>']
+    shown = len(gallery)
+    total = metrics.get("n_misclassified", shown)
+    parts.append(f"<h2>Misclassified test images ({total}"
+                 f"{f', the {shown} most confident shown' if shown < total else ''})</h2>")
+    if not gallery:
+        parts.append("<p>None: every test image was labelled correctly.</p>")
+    else:
+        parts.append('<div class="gallery">')
+        for png, item in gallery:
+            picture = (f'<img src="{_data_uri(png)}" alt="{e(item["path"])}"/>' if png is not None
+                       else '<div class="missing">not readable now</div>')
+            parts.append(f"<figure>{picture}<figcaption>{e(item['path'])}<br/>true: <b>{e(item['true'])}</b><br/>"
+                         f"<span class=\"wrong\">predicted: <b>{e(item['predicted'])}</b></span> "
+                         f"({item['confidence']:.2f})</figcaption></figure>")
+        parts.append("</div>")
+    parts += ["</body>", "</html>", ""]
+    return "\n".join(parts)
 
 
 def read_report_key(report_dir: Path) -> str | None:
     """The stage key recorded in an existing report, or None if there is no complete report."""
     try:
+        if not (Path(report_dir) / HTML_FILE).is_file():
+            return None
         return json.loads((Path(report_dir) / "metrics.json").read_text())["stage_key"]
     except (OSError, ValueError, KeyError):
         return None
 
 
-def write_report(report_dir: Path, metrics: dict[str, Any], classification_text: str, *, overwrite: bool) -> Path:
-    """Write the report directory atomically; `metrics` must hold class_names and confusion."""
+def write_report(report_dir: Path, metrics: dict[str, Any], classification_text: str, *, overwrite: bool,
+                 history: dict[str, list[float]] | None = None,
+                 gallery: list[tuple[np.ndarray | None, dict]] | None = None) -> Path:
+    """Write the report directory atomically; `metrics` must hold class_names and confusion.
+
+    `history`: per-epoch curves (drawn when present); `gallery`: (thumbnail pixels or None, item with
+    path, true, predicted, confidence) of misclassified test images, embedded in report.html."""
     report_dir = Path(report_dir)
+    pictures = {"confusion_matrix": confusion_png(metrics["class_names"], metrics["confusion"])}
+    curves = curves_png(history or {})
+    if curves is not None:
+        pictures["training_curves"] = curves
+    thumbnails = [(None if pixels is None else thumbnail_png(pixels), item) for pixels, item in gallery or []]
     markdown = "\n".join([
         summary_markdown(metrics), "",
         "## Per-class metrics", "", "```", classification_text.rstrip(), "```", "",
         "## Confusion matrix", "", confusion_table_markdown(metrics["class_names"], metrics["confusion"]), "",
         "![confusion matrix](confusion_matrix.png)", "",
+        *(["## Training curves", "", "![training curves](training_curves.png)", ""] if curves else []),
+        f"The misclassified test images are shown in [{HTML_FILE}]({HTML_FILE}).", "",
     ])
     with atomic_path(report_dir, overwrite=overwrite, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
-        _confusion_png(tmp / "confusion_matrix.png", metrics["class_names"], metrics["confusion"])
+        for name, png in pictures.items():
+            (tmp / f"{name}.png").write_bytes(png)
+        (tmp / HTML_FILE).write_text(report_html(metrics, pictures, thumbnails), encoding="utf-8")
     return report_dir

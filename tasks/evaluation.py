@@ -3,14 +3,28 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from storage.errors import BundleError, DatasetError
+from storage.errors import BundleError, DatasetError, UnreadableImageError
 from storage.feature_store import FeatureStore, package_version, read_contents, read_features
 from storage.model_bundle import ModelBundle, load_head
+from tasks.heads import class_probabilities
+from tasks.images import decode_image
+
+
+class Misclassified(BaseModel):
+    path: str = Field(description="Relative to the dataset root.")
+    true: str
+    predicted: str
+    confidence: float = Field(description="The head's score for the predicted class.")
+
+
+GALLERY_IMAGES = 48  # misclassified images kept for the report, most confident mistakes first
+THUMBNAIL_SIDE = 96
 
 
 class Evaluation(BaseModel):
@@ -23,12 +37,17 @@ class Evaluation(BaseModel):
     confusion: list[list[int]]
     classification_report: str
     best_params: dict[str, float]
+    misclassified: list[Misclassified] = Field(default_factory=list, description=f"At most {GALLERY_IMAGES}, most confident first.")
+    n_misclassified: int = 0
     seconds: float
+
+
+REPORT_CODE_VERSION = 2  # bump when the same evaluation would give another report (2: report.html)
 
 
 def report_key(bundle: ModelBundle, store: FeatureStore) -> str:
     """Identifies an evaluation: which head on which rows, by which code."""
-    identity = f"{bundle.metadata.head_sha256}:{store.fingerprint()}:{package_version()}"
+    identity = f"{bundle.metadata.head_sha256}:{store.fingerprint()}:{package_version()}:{REPORT_CODE_VERSION}"
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -42,8 +61,13 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
     if len(rows) == 0:
         raise DatasetError("No test images left to evaluate on (all unreadable?)")
     truth = contents.labels[rows]
-    predicted = load_head(bundle).predict(read_features(store, rows))
+    probabilities = class_probabilities(load_head(bundle), read_features(store, rows))
+    predicted = np.argmax(probabilities, axis=1)
     names = bundle.metadata.class_names
+    wrong = np.flatnonzero(predicted != truth)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
+    misclassified = [Misclassified(path=contents.paths[rows[i]], true=names[truth[i]], predicted=names[predicted[i]],
+                                   confidence=float(probabilities[i, predicted[i]])) for i in wrong[:GALLERY_IMAGES]]
     indices = list(range(len(names)))
     report = classification_report(truth, predicted, labels=indices, target_names=names, output_dict=True,
                                    zero_division=0)
@@ -56,6 +80,18 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
         confusion=confusion_matrix(truth, predicted, labels=indices).tolist(),
         classification_report=classification_report(truth, predicted, labels=indices, target_names=names,
                                                      zero_division=0, digits=4),
-        best_params=bundle.metadata.head_params,
+        best_params=bundle.metadata.training_summary.get("best_params", bundle.metadata.head_params),
+        misclassified=misclassified, n_misclassified=len(wrong),
         seconds=time.perf_counter() - started,
     )
+
+
+def gallery_thumbnails(root: Path, items: list[Misclassified], side: int = THUMBNAIL_SIDE) -> list[np.ndarray | None]:
+    """Each image as the network saw it (decoded and resized the same way), small; None if it cannot be read now."""
+    thumbnails: list[np.ndarray | None] = []
+    for item in items:
+        try:
+            thumbnails.append(decode_image(Path(root) / item.path, side))
+        except UnreadableImageError:
+            thumbnails.append(None)
+    return thumbnails

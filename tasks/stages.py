@@ -15,20 +15,23 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
 from storage.manifest import ImageRecord, Manifest
+from storage.model_bundle import ModelBundle
 from storage.output_layout import OutputLayout
-from storage.report import read_report_key, summary_markdown, write_report
+from storage.predictions import refuse_existing_predictions, write_predictions
+from storage.report import HTML_FILE, read_report_key, summary_markdown, write_report
 from storage.run_summary import RunSummary
-from tasks.evaluation import Evaluation, evaluate_bundle, report_key
+from tasks.evaluation import Evaluation, evaluate_bundle, gallery_thumbnails, report_key
 from tasks.extraction import (ExtractionPlan, ExtractionResult, ExtractionSettings, assemble_store, extract_records,
                               plan_extraction)
 from tasks.hashing import HashingStats, hash_manifest
 from tasks.listing import list_dataset
 from tasks.logs import stage_logger
+from tasks.prediction import PredictionRow, find_bundle, list_images, predict_images
 from tasks.splitting import split_manifest
 from tasks.training import TrainingResult, TrainingSettings, reusable_bundle, train_head, training_key
 
@@ -105,8 +108,8 @@ def _training_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> 
 def trained_bundle(extraction: ExtractionResult, layout: OutputLayout, settings: TrainingSettings,
                    refresh: bool) -> TrainingResult:
     result = train_head(extraction.store, layout.model, settings, refresh=refresh)
-    stage_logger().info("train: %s on %d images, best %s (cv accuracy %.4f)%s in %.1f s", settings.head,
-                        result.n_train, result.best_params, result.cv_score,
+    stage_logger().info("train: %s on %d images, best %s (%s %.4f)%s in %.1f s", settings.head,
+                        result.n_train, result.best_params, result.score_name, result.cv_score,
                         " (reused)" if result.cached else "", result.seconds)
     return result
 
@@ -131,18 +134,25 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
         "precision": spec.precision, "feature_dim": spec.feature_dim,
         "feature_dtype": extraction.store.attrs.get("feature_dtype", "float32"), "store": str(layout.store),
         "class_names": result.class_names,
-        "per_class": result.per_class, "confusion": result.confusion, "stage_key": key,
+        "per_class": result.per_class, "confusion": result.confusion,
+        "training_score": {"name": training.score_name, "value": training.cv_score},
+        "n_misclassified": result.n_misclassified,
+        "misclassified": [m.model_dump() for m in result.misclassified], "stage_key": key,
     }
     kept = not refresh and read_report_key(layout.report) == key  # same head on the same rows: the report stands
     if not kept:
-        write_report(layout.report, metrics, result.classification_report, overwrite=True)
+        thumbnails = gallery_thumbnails(Path(extraction.store.attrs.get("dataset_root", "")), result.misclassified)
+        write_report(layout.report, metrics, result.classification_report, overwrite=True, history=training.history,
+                     gallery=list(zip(thumbnails, metrics["misclassified"])))
     create_markdown_artifact(key="evaluation-summary", markdown=summary_markdown(metrics),
                              description="Headline metrics of the evaluation")
     create_table_artifact(key="per-class-metrics", description="Per-class precision, recall, F1 and support",
                           table=[{"class": name, **{k: round(v, 4) for k, v in scores.items()}}
                                  for name, scores in result.per_class.items()])
-    stage_logger().info("report: accuracy %.4f, macro F1 %.4f → %s", result.accuracy, result.macro_f1,
-                        layout.report / "report.md")
+    page = (layout.report / HTML_FILE).resolve()
+    create_link_artifact(key="evaluation-report", link=page.as_uri(), link_text=f"report: {spec.backbone} + {spec.head}",
+                         description="The self-contained HTML report (curves, confusion matrix, misclassified images)")
+    stage_logger().info("report: accuracy %.4f, macro F1 %.4f → %s", result.accuracy, result.macro_f1, page)
     return metrics, kept
 
 
@@ -150,3 +160,49 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
 def run_summary(summary: RunSummary, layout: OutputLayout) -> RunSummary:
     summary.save(layout.run_summary)
     return summary
+
+
+# --- batch prediction ---------------------------------------------------------------------------------
+
+
+@task(name="check predictions output", cache_policy=NONE)
+def free_predictions_output(output: str | None, overwrite: bool) -> None:
+    if output:
+        refuse_existing_predictions(Path(output), overwrite=overwrite)
+
+
+@task(name="load bundle", cache_policy=NONE)
+def prediction_bundle(path: str) -> ModelBundle:
+    bundle = find_bundle(Path(path))
+    meta = bundle.metadata
+    stage_logger().info("predict: %s head on %s (%s, %d px, %s pooling), classes %s", meta.head, meta.backbone,
+                        meta.weights_source, meta.image_size, meta.pooling, ", ".join(meta.class_names))
+    return bundle
+
+
+@task(name="list images to label", cache_policy=NONE)
+def listed_images(paths: list[str]) -> list[str]:
+    images = list_images(paths)
+    stage_logger().info("predict: %d images under %s", len(images), ", ".join(paths))
+    return images
+
+
+@task(name="predict labels", cache_policy=NONE)
+def predictions(bundle: ModelBundle, images: list[str], top_k: int, batch_size: int) -> list[PredictionRow]:
+    rows = predict_images(bundle, images, top_k=top_k, batch_size=batch_size)
+    log = stage_logger()
+    for row in rows:
+        if row.error:
+            log.warning("predict: %s: %s", row.path, row.error)
+    create_table_artifact(key="predictions", description=f"Predicted labels (first 100 of {len(rows)})",
+                          table=[{"path": r.path, "label": r.labels[0] if r.labels else "",
+                                  "confidence": round(r.confidences[0], 4) if r.confidences else None,
+                                  "error": r.error} for r in rows[:100]])
+    return rows
+
+
+@task(name="write predictions", cache_policy=NONE)
+def predictions_csv(rows: list[PredictionRow], output: str, top_k: int, overwrite: bool) -> str:
+    write_predictions(Path(output), [r.csv_row(top_k) for r in rows], top_k, overwrite=overwrite)
+    stage_logger().info("predict: %d rows (%d failed) → %s", len(rows), sum(1 for r in rows if r.error), output)
+    return output

@@ -1,0 +1,30 @@
+"""Batch prediction, wiring only: bundle + image paths → labelled rows → CSV."""
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel
+
+from flows.settings import PredictionSettings
+from tasks import stages
+from tasks.prediction import PredictionRow
+
+
+class PredictionSummary(BaseModel):
+    bundle: str
+    output: str | None
+    images: int
+    failed: int
+    rows: list[PredictionRow]
+
+
+@flow(name="batch-prediction", log_prints=True)
+def batch_prediction(settings: PredictionSettings) -> PredictionSummary:
+    """Label image files and folders with a trained bundle, through the decode/extract path it was trained with."""
+    stages.free_predictions_output(settings.output, settings.overwrite)  # refuse before any work
+    bundle = stages.prediction_bundle(settings.bundle)
+    images = stages.listed_images(settings.paths)
+    rows = stages.predictions(bundle, images, settings.top_k, settings.batch_size)
+    if settings.output:
+        stages.predictions_csv(rows, settings.output, settings.top_k, settings.overwrite)
+    return PredictionSummary(bundle=bundle.path, output=settings.output, images=len(rows),
+                             failed=sum(1 for r in rows if r.error), rows=rows)

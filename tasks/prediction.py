@@ -1,0 +1,146 @@
+"""Prediction: image files → labels with the bundle's head, through the same decode/preprocess/extract path as training.
+
+The bundle records the backbone, weights, image size, pooling, compute precision and storage precision
+of the features it was trained on; the extractor is rebuilt from exactly those, and the backbone owns
+its preprocessing, so new images reach the head the way the training images did.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from storage.errors import BundleError, UnreadableImageError, WeightsUnavailableError
+from storage.model_bundle import ModelBundle, load_bundle, load_head
+from tasks.backbones import ResolvedWeights, get_backbone
+from tasks.extraction import ExtractionSettings, FeatureExtractor
+from tasks.heads import class_probabilities
+from tasks.images import decode_image
+from tasks.listing import IMAGE_EXTENSIONS
+
+
+class PredictionRow(BaseModel):
+    path: str
+    labels: list[str] = Field(default_factory=list, description="Best label first; empty when the file failed.")
+    confidences: list[float] = Field(default_factory=list)
+    error: str = ""
+
+    def csv_row(self, top_k: int) -> dict[str, str]:
+        row = {"path": self.path, "label": "", "confidence": "", "error": self.error}
+        for rank in range(1, top_k + 1):
+            suffix = "" if rank == 1 else f"_{rank}"
+            if rank <= len(self.labels):
+                row[f"label{suffix}"] = self.labels[rank - 1]
+                row[f"confidence{suffix}"] = f"{self.confidences[rank - 1]:.6f}"
+            else:
+                row[f"label{suffix}"] = row[f"confidence{suffix}"] = ""
+        return row
+
+
+def find_bundle(path: Path | str) -> ModelBundle:
+    """A bundle folder (holding bundle.json), or a run's output folder holding model/."""
+    path = Path(path)
+    if not (path / "bundle.json").is_file() and (path / "model" / "bundle.json").is_file():
+        path = path / "model"
+    return load_bundle(path)
+
+
+def list_images(paths: Sequence[Path | str]) -> list[str]:
+    """Each PATH as given if it is a file (or missing: it gets an error row); folders recursed, sorted,
+    keeping image extensions and skipping hidden entries, as the dataset listing does."""
+    found: list[str] = []
+    for given in paths:
+        given = Path(given)
+        if not given.is_dir():
+            found.append(str(given))
+            continue
+        for folder, dirs, files in os.walk(given, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [str(Path(folder) / name) for name in sorted(files)
+                      if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+    return found
+
+
+def _weights_of(bundle: ModelBundle) -> ResolvedWeights:
+    """The weights the bundle's features came from, as recorded (`source` or `source: file`)."""
+    source, _, file = bundle.metadata.weights_source.partition(": ")
+    try:
+        weights = ResolvedWeights(source=source, file=file or None)
+    except ValueError:
+        raise BundleError(f"Bundle {bundle.path} records weights {bundle.metadata.weights_source!r}, "
+                          "which this version cannot rebuild") from None
+    if weights.file and weights.source != "download" and not Path(weights.file).is_file():
+        raise WeightsUnavailableError(f"The weights bundle {bundle.path} was trained with ({weights.file}) "
+                                      "are not on this machine: copy them there to predict with it")
+    return weights
+
+
+def bundle_extractor(bundle: ModelBundle, batch_size: int = 32) -> FeatureExtractor:
+    """The feature extractor the bundle's training features came from."""
+    meta = bundle.metadata
+    spec = get_backbone(meta.backbone)
+    if spec.preprocessing != meta.preprocessing:
+        raise BundleError(f"Bundle {bundle.path} was trained with {meta.preprocessing} preprocessing, but "
+                          f"{meta.backbone} here uses {spec.preprocessing}")
+    settings = ExtractionSettings(backbone=meta.backbone, image_size=meta.image_size, pooling=meta.pooling,
+                                  precision=meta.precision, batch_size=batch_size, feature_dtype=meta.feature_dtype)
+    extractor = FeatureExtractor(settings, _weights_of(bundle))
+    if extractor.feature_dim != meta.feature_dim:
+        raise BundleError(f"Bundle {bundle.path} expects {meta.feature_dim}-d features, {meta.backbone} with "
+                          f"{meta.pooling} pooling at {meta.image_size} px gives {extractor.feature_dim}-d")
+    return extractor
+
+
+def _decode(path: str, size: int) -> np.ndarray | str:
+    try:
+        return decode_image(path, size)
+    except UnreadableImageError as error:
+        return error.reason
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def predict_images(bundle: ModelBundle, paths: Sequence[str], *, top_k: int = 3, batch_size: int = 32,
+                   decode_threads: int | None = None) -> list[PredictionRow]:
+    """One row per path, in order; a file that cannot be decoded gets its reason in `error`, never an exception."""
+    extractor = bundle_extractor(bundle, batch_size)
+    head = load_head(bundle)
+    names = bundle.metadata.class_names
+    dtype = np.dtype(bundle.metadata.feature_dtype)
+    k = min(top_k, len(names))
+    rows: list[PredictionRow] = []
+    batches = _chunks(paths, batch_size)
+    with ThreadPoolExecutor(decode_threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        pending: deque[tuple[Sequence[str], list[Future]]] = deque()
+
+        def submit_next() -> None:
+            batch = next(batches, None)
+            if batch is not None:
+                pending.append((batch, [pool.submit(_decode, p, extractor.image_size) for p in batch]))
+
+        for _ in range(2):  # decoding runs two batches ahead of the backbone, never the whole folder
+            submit_next()
+        while pending:
+            batch, futures = pending.popleft()
+            submit_next()
+            decoded = [f.result() for f in futures]
+            good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+            by_index: dict[int, PredictionRow] = {}
+            if good:
+                # Round through the store's dtype: the head saw features stored that way.
+                features = extractor(np.stack([decoded[i] for i in good])).astype(dtype).astype(np.float32)
+                probabilities = class_probabilities(head, features)
+                order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+                for row, i in enumerate(good):
+                    by_index[i] = PredictionRow(path=batch[i], labels=[names[c] for c in order[row]],
+                                                confidences=[float(probabilities[row, c]) for c in order[row]])
+            rows += [by_index.get(i) or PredictionRow(path=path, error=decoded[i]) for i, path in enumerate(batch)]
+    return rows

@@ -1,0 +1,95 @@
+"""Batch prediction under a real Prefect API: a bundle trained by the pipeline labels new folders and files."""
+import csv
+import shutil
+
+import numpy as np
+import pytest
+
+from flows.cli import EXIT_USER_ERROR, main
+from flows.pipeline import transfer_learning
+from flows.predict import batch_prediction
+from flows.settings import PipelineSettings, PredictionSettings
+from storage.errors import BundleError, OutputExistsError
+from storage.feature_store import open_store, read_contents, read_features
+from storage.model_bundle import load_bundle, load_head
+from tasks.heads import class_probabilities
+from tasks.prediction import bundle_extractor, predict_images
+
+FAST = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def trained_run(prefect_api, colour_dataset, tmp_path_factory):
+    output = tmp_path_factory.mktemp("trained") / "out"
+    transfer_learning(PipelineSettings(dataset=str(colour_dataset), output=str(output), **FAST))
+    return output
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_folder_with_broken_files_is_labelled_row_by_row(trained_run, messy_dataset, tmp_path):
+    target = tmp_path / "preds.csv"
+    summary = batch_prediction(PredictionSettings(bundle=str(trained_run / "model"), paths=[str(messy_dataset)],
+                                                  output=str(target), top_k=2, batch_size=4))
+    rows = read_csv(target)
+    assert list(rows[0]) == ["path", "label", "confidence", "label_2", "confidence_2", "error"]
+    by_name = {r["path"].removeprefix(str(messy_dataset) + "/"): r for r in rows}
+    # Listed like a dataset: images only, hidden files and text skipped, nested folders recursed.
+    assert "README.txt" not in by_name and "blue/.hidden.png" not in by_name and "red/nested/2019/deep.JPG" in by_name
+    assert len(rows) == summary.images == 24 + 7
+    broken = {name for name, r in by_name.items() if r["error"]}
+    assert broken == {"red/empty.jpg", "green/truncated.jpg", "blue/not_really.png"} and summary.failed == 3
+    assert all(r["label"] == "" for name, r in by_name.items() if name in broken)
+    good = [r for name, r in by_name.items() if name not in broken]
+    assert all(r["label"] in {"red", "green", "blue"} and r["label_2"] not in ("", r["label"]) for r in good)
+    assert all(1 >= float(r["confidence"]) >= float(r["confidence_2"]) >= 0 for r in good)
+
+
+def test_new_images_get_the_features_and_scores_training_gave_them(trained_run, colour_dataset):
+    """Same decode, preprocessing, backbone and head: predicting a training image reproduces its stored row's scores."""
+    bundle = load_bundle(trained_run / "model")
+    store = open_store(trained_run / "features.h5")
+    contents = read_contents(store)
+    expected = class_probabilities(load_head(bundle), read_features(store, np.arange(store.n_rows)))
+    rows = predict_images(bundle, [str(colour_dataset / p) for p in contents.paths], top_k=3, batch_size=5)
+    names = bundle.metadata.class_names
+    for row, scores in zip(rows, expected):
+        assert row.labels[0] == names[int(np.argmax(scores))]
+        got = dict(zip(row.labels, row.confidences))
+        np.testing.assert_allclose([got[n] for n in names], scores, rtol=1e-4, atol=1e-6)
+
+
+def test_existing_csv_is_refused_without_overwrite(trained_run, colour_dataset, tmp_path):
+    target = tmp_path / "preds.csv"
+    target.write_text("keep me")
+    image = str(colour_dataset / "red" / "img_000.jpg")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        batch_prediction(PredictionSettings(bundle=str(trained_run), paths=[image], output=str(target)))
+    assert target.read_text() == "keep me"
+    batch_prediction(PredictionSettings(bundle=str(trained_run), paths=[image], output=str(target), overwrite=True,
+                                        top_k=5))
+    rows = read_csv(target)
+    assert len(rows) == 1 and rows[0]["label_3"] and rows[0]["label_4"] == "" and "label_5" in rows[0]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cli_prints_csv_and_refuses_to_overwrite(trained_run, colour_dataset, tmp_path, capsys):
+    image = str(colour_dataset / "green" / "img_001.png")
+    assert main(["predict", str(trained_run), image, "--top-k", "1"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0] == "path,label,confidence,error" and printed[1].startswith(f"{image},")
+    target = tmp_path / "out.csv"
+    assert main(["predict", str(trained_run), image, "-o", str(target)]) == 0
+    assert main(["predict", str(trained_run), image, "-o", str(target)]) == EXIT_USER_ERROR
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_bundle_for_another_feature_dimension_is_a_clear_error(trained_run, tmp_path):
+    shutil.copytree(trained_run / "model", tmp_path / "model")
+    meta = tmp_path / "model" / "bundle.json"
+    meta.write_text(meta.read_text().replace('"feature_dim": 1280', '"feature_dim": 512'))
+    with pytest.raises(BundleError, match="1280-d"):
+        bundle_extractor(load_bundle(tmp_path / "model"))

@@ -1,0 +1,57 @@
+"""A dense-head run end to end: its HTML report embeds curves, confusion matrix and misclassified images,
+is linked as a Prefect artifact, and a warm rerun reuses every stage."""
+import asyncio
+import json
+
+import pytest
+
+from flows.pipeline import transfer_learning
+from flows.settings import PipelineSettings
+from html_check import check_html
+
+FAST = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def dense_run(prefect_api, messy_dataset, tmp_path_factory):
+    output = tmp_path_factory.mktemp("dense") / "out"
+    settings = PipelineSettings(dataset=str(messy_dataset), output=str(output), head="dense", **FAST)
+    return settings, transfer_learning(settings), output
+
+
+def test_dense_report_is_self_contained_html_with_curves_and_gallery(dense_run):
+    _, summary, output = dense_run
+    report = output / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["head"] == "dense" and metrics["best_params"]["epochs"] >= 1
+    assert (output / "model" / "head.keras").is_file() and not (output / "model" / "head.skops").exists()
+    page = (report / "report.html").read_text()
+    sources = check_html(page).sources
+    assert "Training curves" in page and (report / "training_curves.png").is_file()
+    assert (report / "confusion_matrix.png").is_file()
+    assert len(sources) == 2 + min(metrics["n_misclassified"], 48)  # thumbnails of the test images it got wrong
+    for item in metrics["misclassified"]:
+        assert item["path"] in page and item["true"] != item["predicted"] and 0 <= item["confidence"] <= 1
+    assert f"{summary.accuracy:.4f}" in page
+
+
+def test_report_link_artifact_points_at_the_html(dense_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, _, output = dense_run
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation-report"])))
+
+    links = [str(a.data) for a in asyncio.run(read())]
+    assert any((output / "report" / "report.html").resolve().as_uri() in link for link in links)
+
+
+def test_warm_dense_rerun_reuses_every_stage(dense_run):
+    settings, cold, output = dense_run
+    warm = transfer_learning(settings)
+    assert warm.cached.model_dump() == {"extract": True, "train": True, "report": True}
+    assert warm.accuracy == cold.accuracy

@@ -1,0 +1,44 @@
+"""The HTML report: well-formed, self-contained (every picture a PNG data URI), escaped, with what it promises."""
+import json
+
+import numpy as np
+from html_check import check_html
+
+from storage.report import read_report_key, write_report
+
+def metrics(names=("cat", "dog <b>", "owl")):
+    names = list(names)
+    return {"accuracy": 0.5, "macro_f1": 0.45, "n_train": 12, "n_test": 6, "best_params": {"epochs": 4},
+            "head": "dense", "backbone": "mobilenet_v2", "weights_source": "random", "image_size": 32,
+            "pooling": "avg", "precision": "float32", "feature_dim": 1280, "feature_dtype": "float32",
+            "store": "/x/features.h5", "class_names": names,
+            "per_class": {n: {"precision": 0.5, "recall": 0.5, "f1-score": 0.5, "support": 2} for n in names},
+            "confusion": [[1, 1, 0], [0, 1, 1], [1, 0, 1]], "n_misclassified": 3, "stage_key": "k1"}
+
+
+def test_html_is_well_formed_and_embeds_every_picture(tmp_path):
+    pixels = np.full((96, 96, 3), 200, np.uint8)
+    gallery = [(pixels, {"path": "dog/a&b.png", "true": "dog <b>", "predicted": "cat", "confidence": 0.9}),
+               (None, {"path": "owl/gone.png", "true": "owl", "predicted": "cat", "confidence": 0.6})]
+    history = {"loss": [1.0, 0.6, 0.5], "val_loss": [1.1, 0.8, 0.9], "accuracy": [0.4, 0.7, 0.8],
+               "val_accuracy": [0.3, 0.6, 0.6]}
+    write_report(tmp_path / "report", metrics(), "text report", overwrite=False, history=history, gallery=gallery)
+    page = (tmp_path / "report" / "report.html").read_text()
+    checker = check_html(page)
+    assert len(checker.sources) == 3  # confusion matrix, curves, one readable thumbnail
+    assert "Training curves" in page and "not readable now" in page
+    assert "dog &lt;b&gt;" in page and "dog/a&amp;b.png" in page and "<b>dog <b>" not in page
+    for name in ("confusion_matrix.png", "training_curves.png", "metrics.json", "report.md"):
+        assert (tmp_path / "report" / name).is_file()
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["stage_key"] == "k1"
+    assert read_report_key(tmp_path / "report") == "k1"
+
+
+def test_without_curves_or_mistakes_the_page_says_so(tmp_path):
+    write_report(tmp_path / "report", metrics(("a", "b", "c")), "text", overwrite=False)
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert len(check_html(page).sources) == 1 and "Training curves" not in page
+    assert "every test image was labelled correctly" in page
+    assert not (tmp_path / "report" / "training_curves.png").exists()
+    (tmp_path / "report" / "report.html").unlink()
+    assert read_report_key(tmp_path / "report") is None  # an incomplete report is rewritten

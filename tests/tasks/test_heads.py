@@ -1,0 +1,97 @@
+"""Every head by name: trains on tiny separable features, predicts, survives a bundle round trip."""
+import json
+
+import numpy as np
+import pytest
+
+from storage.errors import BundleError
+from storage.model_bundle import KERAS_HEAD_FILE, load_bundle, load_head
+from tasks.evaluation import evaluate_bundle
+from tasks.heads import class_probabilities
+from tasks.training import TrainingSettings, train_head, training_key
+from storage.feature_store import create_store, open_store
+
+ATTRS = {"backbone": "vgg16", "weights_source": "random", "image_size": 32, "pooling": "avg",
+         "precision": "float32", "preprocessing": "caffe"}
+
+
+def make_store(path, *, n_per_class=20, dim=8, names=("cat", "dog", "owl"), seed=0):
+    """Three well-separated clusters; every fourth row is a test row."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(names)), n_per_class)
+    rng.shuffle(labels)
+    centres = rng.normal(scale=6.0, size=(len(names), dim))
+    features = (centres[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32)
+    split = ["test" if i % 4 == 0 else "train" for i in range(len(labels))]
+    with create_store(path, feature_dim=dim, label_names=list(names), attrs=ATTRS) as writer:
+        writer.append(features, labels, [f"{names[l]}/{i}.png" for i, l in enumerate(labels)], split)
+    return open_store(path)
+
+TINY = {"logreg": {}, "linear-svm": {"c_grid": [0.01, 1.0]}, "sgd": {"sgd_epochs": 5, "sgd_block_rows": 7},
+        "dense": {"epochs": 40, "patience": 5}}
+
+
+@pytest.mark.parametrize("head", sorted(TINY))
+def test_head_trains_predicts_and_round_trips(head, tmp_path):
+    store = make_store(tmp_path / "f.h5")
+    settings = TrainingSettings(head=head, **TINY[head])
+    training = train_head(store, tmp_path / "model", settings)
+    meta = training.bundle.metadata
+    assert meta.head == head and meta.head_format == ("keras" if head == "dense" else "skops")
+    assert (tmp_path / "model" / ("head.keras" if head == "dense" else "head.skops")).is_file()
+    assert 0 <= training.cv_score <= 1 and training.best_params
+    result = evaluate_bundle(training.bundle, store, n_train=training.n_train)
+    assert result.accuracy >= 0.9  # well-separated clusters
+
+    reloaded = load_bundle(tmp_path / "model")
+    assert reloaded.metadata == meta
+    features = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32)
+    before, after = load_head(training.bundle), load_head(reloaded)
+    np.testing.assert_array_equal(before.predict(features), after.predict(features))
+    probabilities = class_probabilities(after, features)
+    assert probabilities.shape == (5, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+    assert (np.argmax(probabilities, axis=1) == after.predict(features)).all()
+
+    again = train_head(store, tmp_path / "model", settings)
+    assert again.cached and again.bundle.metadata.head_sha256 == meta.head_sha256
+
+
+def test_stage_key_names_the_head_and_only_its_own_settings(tmp_path):
+    store = make_store(tmp_path / "f.h5")
+    keys = {head: training_key(store, TrainingSettings(head=head)) for head in TINY}
+    assert len(set(keys.values())) == len(keys)
+    assert training_key(store, TrainingSettings(epochs=3)) == keys["logreg"]  # a dense setting
+    assert training_key(store, TrainingSettings(head="dense", epochs=3)) != keys["dense"]
+    assert training_key(store, TrainingSettings(c_grid=[1.0])) != keys["logreg"]
+
+
+def test_dense_head_records_curves_and_a_swapped_keras_file_is_refused(tmp_path):
+    store = make_store(tmp_path / "f.h5")
+    training = train_head(store, tmp_path / "model", TrainingSettings(head="dense", **TINY["dense"]))
+    assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(training.history)
+    assert training.best_params["epochs"] <= len(training.history["loss"])
+    recorded = json.loads((tmp_path / "model" / "bundle.json").read_text())
+    assert recorded["training_summary"]["history"]["loss"] == training.history["loss"]
+    other = train_head(make_store(tmp_path / "g.h5", seed=3), tmp_path / "other",
+                       TrainingSettings(head="dense", **TINY["dense"], seed=7))
+    (tmp_path / "model" / KERAS_HEAD_FILE).write_bytes((tmp_path / "other" / KERAS_HEAD_FILE).read_bytes())
+    with pytest.raises(BundleError, match="hash"):
+        load_head(load_bundle(tmp_path / "model"))
+    assert load_head(other.bundle).predict(np.zeros((1, 8), np.float32)).shape == (1,)
+
+
+def test_sgd_reads_the_store_in_blocks(tmp_path, monkeypatch):
+    import tasks.training as training_module
+
+    store = make_store(tmp_path / "f.h5")
+    sizes = []
+    real = training_module.read_features
+
+    def spy(store, rows):
+        sizes.append(len(rows))
+        return real(store, rows)
+
+    monkeypatch.setattr(training_module, "read_features", spy)
+    train_head(store, tmp_path / "model", TrainingSettings(head="sgd", sgd_epochs=2, sgd_block_rows=10))
+    assert sizes and max(sizes) <= 10  # never the 45 train rows at once
