@@ -14,7 +14,7 @@ from storage.errors import TransferFlowError
 EXIT_USER_ERROR = 2
 
 
-def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+def _add_pipeline_options(parser: argparse.ArgumentParser, *, head: bool = True) -> None:
     from flows.settings import PipelineSettings
     from tasks.backbones import BACKBONES
 
@@ -29,10 +29,11 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
                         help="flatten is the classic recipe (VGG16 at 224: 25,088-d); default: %(default)s")
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
                         help="compute precision (default: the backbone's fastest measured; see BENCHMARKS.md)")
-    parser.add_argument("--head", choices=["logreg", "linear-svm", "sgd", "dense"], default=fields["head"].default,
-                        help="classifier: logreg or linear-svm (grid over C, cross-validated), sgd (out of core: reads "
-                             "the store in blocks), dense (Keras Dense 256 + Dropout 0.5, early stopping) "
-                             "(default: %(default)s)")
+    if head:
+        parser.add_argument("--head", choices=["logreg", "linear-svm", "sgd", "dense"], default=fields["head"].default,
+                            help="classifier: logreg or linear-svm (grid over C, cross-validated), sgd (out of core: "
+                                 "reads the store in blocks), dense (Keras Dense 256 + Dropout 0.5, early stopping) "
+                                 "(default: %(default)s)")
     parser.add_argument("--store", choices=["hdf5", "zarr"], default=fields["store"].default,
                         help="feature store: hdf5 (DIR/features.h5, the classic layout) or zarr (DIR/features.zarr) "
                              "(default: %(default)s)")
@@ -83,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="default: %(default)s")
     _add_pipeline_options(demo)
 
+    compare = commands.add_parser(
+        "compare", help="train several heads on one feature store and tabulate them",
+        description="Extract DATASET's features once into DIR, then train, evaluate and report every head of "
+                    "--heads on them (DIR/heads/HEAD/model and report), and write DIR/comparison.csv and "
+                    "comparison.md: accuracy, macro F1 and training seconds side by side.")
+    compare.add_argument("dataset", metavar="DATASET", help="folder with one sub-folder per class")
+    compare.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for the store, heads/ and the table")
+    compare.add_argument("--heads", default="logreg,linear-svm,dense", metavar="H1,H2,...",
+                         help="comma-separated heads from logreg, linear-svm, sgd, dense (default: %(default)s)")
+    _add_pipeline_options(compare, head=False)
+    compare.add_argument("--overwrite", action="store_true",
+                         help="replace outputs in DIR that are not from an earlier run on DATASET")
+
     predict = commands.add_parser(
         "predict", help="label new images with a trained bundle",
         description="Label image files and folders (recursed) with the bundle a run wrote (DIR/model, or DIR itself), "
@@ -105,14 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace, dataset: str, output: str, overwrite: bool):
-    from flows.settings import PipelineSettings
+def _settings(args: argparse.Namespace, dataset: str, output: str, overwrite: bool, **extra):
+    from flows.settings import CompareSettings, PipelineSettings
 
-    return PipelineSettings(dataset=dataset, output=output, backbone=args.backbone, weights=args.weights,
+    model = CompareSettings if "heads" in extra else PipelineSettings
+    if "heads" not in extra:
+        extra["head"] = args.head
+    return model(dataset=dataset, output=output, backbone=args.backbone, weights=args.weights,
                             image_size=args.image_size, pooling=args.pooling, precision=args.precision,
                             batch_size=args.batch_size, test_size=args.test_size, seed=args.seed, overwrite=overwrite,
                             refresh=args.refresh, wait=args.wait, workers=args.workers, dask_address=args.dask_address,
-                            store=args.store, feature_dtype=args.feature_dtype, head=args.head)
+                            store=args.store, feature_dtype=args.feature_dtype, **extra)
 
 
 def _run_pipeline(settings) -> int:
@@ -136,6 +153,17 @@ def _demo(args: argparse.Namespace) -> int:
     dataset = write_digits_dataset(root / "dataset")
     # A second demo into the same folder updates the first (a warm rerun: nothing is re-extracted).
     return _run_pipeline(_settings(args, str(dataset), str(root / "run"), overwrite=False))
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from flows.compare import compare_heads
+
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    summary = compare_heads(_settings(args, args.dataset, args.output, args.overwrite, heads=heads))
+    print()
+    print(Path(summary.table_markdown).read_text(encoding="utf-8"))
+    print(f"table:   {summary.table_csv}")
+    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -187,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_pipeline(_settings(args, args.dataset, args.output, args.overwrite))
         if args.command == "demo":
             return _demo(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "predict":
             return _predict(args)
         if args.command == "backbones":

@@ -57,8 +57,22 @@ class PipelineSettings(BaseModel):
                                   pooling=self.pooling, precision=self.precision, batch_size=self.batch_size,
                                   feature_dtype=self.feature_dtype)
 
-    def training(self) -> TrainingSettings:
-        return TrainingSettings(head=self.head, seed=self.seed)
+    def training(self, head: HeadName | None = None) -> TrainingSettings:
+        return TrainingSettings(head=head or self.head, seed=self.seed)
+
+
+class CompareSettings(PipelineSettings):
+    """A pipeline run that trains several heads on one feature store (extracted once)."""
+
+    heads: list[HeadName] = Field(default_factory=lambda: ["logreg", "linear-svm", "dense"], min_length=1,
+                                  description="Heads to train and compare, in table order.")
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"Expected each head once, got {', '.join(value)}")
+        return value
 
 
 class PredictionSettings(BaseModel):

@@ -19,6 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
+from storage.comparison import HeadScore, write_comparison
 from storage.manifest import ImageRecord, Manifest
 from storage.model_bundle import ModelBundle
 from storage.output_layout import OutputLayout
@@ -132,7 +133,7 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
         "best_params": result.best_params, "head": spec.head, "backbone": spec.backbone,
         "weights_source": extraction.weights.describe(), "image_size": spec.image_size, "pooling": spec.pooling,
         "precision": spec.precision, "feature_dim": spec.feature_dim,
-        "feature_dtype": extraction.store.attrs.get("feature_dtype", "float32"), "store": str(layout.store),
+        "feature_dtype": extraction.store.attrs.get("feature_dtype", "float32"), "store": str(extraction.store.path),
         "class_names": result.class_names,
         "per_class": result.per_class, "confusion": result.confusion,
         "training_score": {"name": training.score_name, "value": training.cv_score},
@@ -154,6 +155,29 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
                          description="The self-contained HTML report (curves, confusion matrix, misclassified images)")
     stage_logger().info("report: accuracy %.4f, macro F1 %.4f → %s", result.accuracy, result.macro_f1, page)
     return metrics, kept
+
+
+def head_folder(layout: OutputLayout, head: str) -> Path:
+    """Where `compare` puts one head's model/ and report/."""
+    return Path(layout.root) / "heads" / head
+
+
+@task(name="score head", cache_policy=NONE)
+def head_score(result: Evaluation, training: TrainingResult, layout: OutputLayout) -> HeadScore:
+    return HeadScore(head=training.bundle.metadata.head, accuracy=result.accuracy, macro_f1=result.macro_f1,
+                     train_seconds=training.fit_seconds, best_params=result.best_params,
+                     training_score=f"{training.score_name} {training.cv_score:.4f}", bundle=str(layout.model),
+                     report=str(layout.report / HTML_FILE))
+
+
+@task(name="write comparison", cache_policy=NONE)
+def comparison_table(scores: list[HeadScore], layout: OutputLayout, dataset: str) -> tuple[str, str]:
+    csv_path, markdown_path = write_comparison(Path(layout.root), scores, f"Heads compared on {dataset}")
+    markdown = markdown_path.read_text(encoding="utf-8")
+    create_markdown_artifact(key="head-comparison", markdown=markdown, description="Heads trained on one feature store")
+    stage_logger().info("compare: %s → %s", "; ".join(f"{s.head} {s.accuracy:.4f}/{s.macro_f1:.4f}" for s in scores),
+                        csv_path)
+    return str(csv_path), str(markdown_path)
 
 
 @task(name="write run summary", cache_policy=NONE)

@@ -52,6 +52,7 @@ class TrainingResult(BaseModel):
     cv_score: float
     score_name: str = "cv accuracy"
     history: dict[str, list[float]] = Field(default_factory=dict, description="Per-epoch curves (dense head).")
+    fit_seconds: float = Field(default=0.0, description="How long the fit took when the bundle was made (also when reused).")
     cached: bool = False
     seconds: float
 
@@ -93,6 +94,7 @@ def train_head(store: FeatureStore, bundle_dir: Path, settings: TrainingSettings
         raise DatasetError("After skipping unreadable images, these classes have fewer than 2 training images: "
                            + ", ".join(thin))
     is_val = split[rows] == "val"
+    fit_started = time.perf_counter()
     n_classes = len(contents.label_names)
     if settings.head == "sgd":  # out of core: blocks of rows read from the store as the fit goes
         block_rows = settings.sgd_block_rows or rows_per_chunk(store.feature_dim)
@@ -112,6 +114,7 @@ def train_head(store: FeatureStore, bundle_dir: Path, settings: TrainingSettings
         feature_dim=store.feature_dim, feature_dtype=attrs.get("feature_dtype", "float32"),
         class_names=contents.label_names, head=settings.head,
         head_params={**settings.head_settings(), **summary["best_params"]}, store_fingerprint=store.fingerprint(),
-        stage_key=key, training_summary={"n_train": len(rows), **summary},
+        stage_key=key,
+        training_summary={"n_train": len(rows), **summary, "fit_seconds": time.perf_counter() - fit_started},
     ), overwrite=True)
     return TrainingResult(bundle=bundle, **bundle.metadata.training_summary, seconds=time.perf_counter() - started)
