@@ -24,12 +24,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 # keras is imported inside the functions: importing TensorFlow costs seconds, and listing backbones needs none of it.
+if TYPE_CHECKING:
+    import keras
 
 from storage.atomic import atomic_path
 from storage.errors import SettingsError, StoreError, WeightsUnavailableError

@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -17,13 +14,13 @@ import numpy as np
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from storage.errors import OutputExistsError, StoreError, UnreadableImageError
+from storage.errors import OutputExistsError, StoreError
 from storage.feature_store import FeatureStore, create_store, open_store, package_version, rows_per_chunk, store_exists
 from storage.manifest import ImageRecord, Manifest
 from storage.row_cache import RowCache
 from tasks.backbones import (Pooling, Precision, ResolvedWeights, build_feature_model, get_backbone, resolve_precision,
                              resolve_weights)
-from tasks.images import decode_image
+from tasks.images import decoded_batches
 from tasks.logs import stage_logger
 
 
@@ -104,18 +101,6 @@ class FeatureExtractor:
         if n < self.settings.batch_size:  # pad the last batch so the compiled graph is reused
             batch = np.concatenate([batch, np.zeros((self.settings.batch_size - n, *batch.shape[1:]), batch.dtype)])
         return np.asarray(self._forward(batch))[:n]
-
-
-def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
-    try:
-        return decode_image(path, size)
-    except UnreadableImageError as error:
-        return error.reason
-
-
-def _batches(records: Sequence[ImageRecord], size: int) -> Iterator[Sequence[ImageRecord]]:
-    for start in range(0, len(records), size):
-        yield records[start:start + size]
 
 
 RESIZE = "bilinear, straight to image_size (no crop)"
@@ -268,49 +253,30 @@ def _extract_into_shards(records: Sequence[ImageRecord], root: Path, extractor: 
     """Decode (threads, running `prefetch_batches` ahead) and extract `records`, committing a shard every `shard_images`."""
     if not records:
         return
-    size = extractor.image_size
     batch_size = extractor.settings.batch_size
-    threads = decode_threads or min(8, (os.cpu_count() or 2) * 2)
     log = stage_logger()
     progress = tqdm(total=len(records), unit="img", desc="extract", disable=not sys.stderr.isatty())
     done, next_log = 0, 0.0
     shard_hashes: list[str] = []
     shard_features: list[np.ndarray] = []
     shard_skipped: dict[str, str] = {}
-    with ThreadPoolExecutor(threads) as pool:
-        pending: deque[tuple[Sequence[ImageRecord], list[Future]]] = deque()
-        batches = _batches(records, batch_size)
-
-        def submit_next() -> None:
-            batch = next(batches, None)
-            if batch is not None:
-                pending.append((batch, [pool.submit(_decode_or_reason, root / r.path, size) for r in batch]))
-
-        for _ in range(prefetch_batches):  # decoding runs this many batches ahead of inference
-            submit_next()
-        while pending:
-            batch, futures = pending.popleft()
-            submit_next()
-            good: list[ImageRecord] = []
-            images: list[np.ndarray] = []
-            for record, future in zip(batch, futures):
-                decoded = future.result()
-                if isinstance(decoded, str):
-                    shard_skipped[record.content_hash] = decoded
-                else:
-                    good.append(record)
-                    images.append(decoded)
-            if images:
-                shard_features.append(extractor(np.stack(images)))
-                shard_hashes.extend(r.content_hash for r in good)
-            done += len(batch)
-            if len(shard_hashes) + len(shard_skipped) >= shard_images or not pending:
-                cache.commit_shard(shard_hashes, np.concatenate(shard_features) if shard_features else
-                                   np.empty((0, extractor.feature_dim), np.float32), shard_skipped)
-                shard_hashes, shard_features, shard_skipped = [], [], {}
-            progress.update(len(batch))
-            if progress.disable and done / len(records) >= next_log:
-                # Not a terminal: a plain line every 10% instead of a progress bar.
-                log.info("extract: %d/%d images", done, len(records))
-                next_log += 0.1
+    decoded_stream = decoded_batches([root / r.path for r in records], extractor.image_size, batch_size,
+                                     threads=decode_threads, ahead=prefetch_batches)
+    for start, decoded in zip(range(0, len(records), batch_size), decoded_stream):
+        batch = records[start:start + batch_size]
+        good = [(record, image) for record, image in zip(batch, decoded) if not isinstance(image, str)]
+        shard_skipped.update({r.content_hash: reason for r, reason in zip(batch, decoded) if isinstance(reason, str)})
+        if good:
+            shard_features.append(extractor(np.stack([image for _, image in good])))
+            shard_hashes.extend(record.content_hash for record, _ in good)
+        done += len(batch)
+        if len(shard_hashes) + len(shard_skipped) >= shard_images or done == len(records):
+            cache.commit_shard(shard_hashes, np.concatenate(shard_features) if shard_features else
+                               np.empty((0, extractor.feature_dim), np.float32), shard_skipped)
+            shard_hashes, shard_features, shard_skipped = [], [], {}
+        progress.update(len(batch))
+        if progress.disable and done / len(records) >= next_log:
+            # Not a terminal: a plain line every 10% instead of a progress bar.
+            log.info("extract: %d/%d images", done, len(records))
+            next_log += 0.1
     progress.close()

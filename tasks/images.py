@@ -6,6 +6,9 @@ every way a file can be broken ends as `UnreadableImageError` with a short reaso
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -128,3 +131,35 @@ def _to_resizable_mode(image: Image.Image) -> Image.Image:
     if mode == "1":
         return image.convert("L")
     return image.convert("RGB")  # P, CMYK, YCbCr, HSV, RGBX...
+
+
+def decode_or_reason(path: Path | str, image_size: int | tuple[int, int]) -> np.ndarray | str:
+    """The decoded image, or the reason it cannot be decoded (for a skip row, never an exception)."""
+    try:
+        return decode_image(path, image_size)
+    except UnreadableImageError as error:
+        return error.reason
+
+
+def decoded_batches(paths: Sequence[Path | str], image_size: int | tuple[int, int], batch_size: int, *,
+                    threads: int | None = None, ahead: int = 2) -> Iterator[list[np.ndarray | str]]:
+    """Decode `paths` in batches on a thread pool that runs `ahead` batches ahead of the consumer.
+
+    Yields one list per batch, in order: each item the image or the reason it was skipped. At most
+    `ahead + 1` batches are in memory, whatever the number of paths.
+    """
+    starts = iter(range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        pending: deque[list[Future]] = deque()
+
+        def submit_next() -> None:
+            start = next(starts, None)
+            if start is not None:
+                pending.append([pool.submit(decode_or_reason, p, image_size) for p in paths[start:start + batch_size]])
+
+        for _ in range(ahead):
+            submit_next()
+        while pending:
+            futures = pending.popleft()
+            submit_next()
+            yield [future.result() for future in futures]
