@@ -51,11 +51,23 @@ def report_key(bundle: ModelBundle, store: FeatureStore) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
+def check_bundle_fits_store(bundle: ModelBundle, store: FeatureStore) -> None:
+    """Refuse features the head was not trained on: another width, or the same width from another
+    backbone, pooling, image size or preprocessing (efficientnet_lite0 and mobilenet_v2 are both 1,280-d)."""
+    meta = bundle.metadata
+    if meta.feature_dim != store.feature_dim:
+        raise BundleError(f"Bundle {bundle.path} expects {meta.feature_dim}-d features "
+                          f"({meta.backbone}), the store has {store.feature_dim}-d")
+    for field in ("backbone", "pooling", "image_size", "preprocessing"):
+        recorded, given = getattr(meta, field), store.attrs.get(field)
+        if given is not None and str(given) != str(recorded):
+            raise BundleError(f"Bundle {bundle.path} was trained on features with {field} {recorded}, the store "
+                              f"{store.path} has {field} {given}: retrain, or evaluate on a matching store")
+
+
 def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -> Evaluation:
     started = time.perf_counter()
-    if bundle.metadata.feature_dim != store.feature_dim:
-        raise BundleError(f"Bundle {bundle.path} expects {bundle.metadata.feature_dim}-d features "
-                          f"({bundle.metadata.backbone}), the store has {store.feature_dim}-d")
+    check_bundle_fits_store(bundle, store)
     contents = read_contents(store)
     rows = np.flatnonzero(np.asarray(contents.split) == "test")
     if len(rows) == 0:

@@ -1,7 +1,16 @@
 """Heads: the classifiers trained on frozen features, and one way to get class probabilities from any of them."""
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
+
+from tasks.logs import stage_logger
+
+HEADS = ("logreg", "linear-svm", "sgd", "dense")
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -27,16 +36,6 @@ def class_probabilities(head, features: np.ndarray) -> np.ndarray:
 # --- fitting ----------------------------------------------------------------------------------------
 # Each fit takes the train (and val) rows and returns (head, summary): the fitted head, which a bundle
 # can save (scikit-learn with skops, Keras as .keras), and best_params / cv_score / score_name / history.
-
-import warnings  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
-from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold  # noqa: E402
-
-from tasks.logs import stage_logger  # noqa: E402
-
-HEADS = ("logreg", "linear-svm", "sgd", "dense")
 
 
 def search_folds(labels: np.ndarray, is_val: np.ndarray, cv_folds: int, seed: int):

@@ -95,3 +95,14 @@ def test_sgd_reads_the_store_in_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(training_module, "read_features", spy)
     train_head(store, tmp_path / "model", TrainingSettings(head="sgd", sgd_epochs=2, sgd_block_rows=10))
     assert sizes and max(sizes) <= 10  # never the 45 train rows at once
+
+
+def test_bundle_against_a_store_of_another_backbone_with_the_same_width_is_refused(tmp_path):
+    from storage.feature_store import create_store
+
+    training = train_head(make_store(tmp_path / "f.h5"), tmp_path / "model", TrainingSettings(c_grid=[1.0]))
+    with create_store(tmp_path / "g.h5", feature_dim=8, label_names=["cat", "dog", "owl"],
+                      attrs={**ATTRS, "backbone": "resnet50"}) as writer:
+        writer.append(np.zeros((4, 8), np.float32), np.array([0, 1, 2, 0]), list("abcd"), ["test"] * 4)
+    with pytest.raises(BundleError, match="backbone vgg16, the store .* has backbone resnet50"):
+        evaluate_bundle(training.bundle, open_store(tmp_path / "g.h5"), n_train=0)
