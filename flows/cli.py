@@ -30,9 +30,11 @@ def _add_pipeline_options(parser: argparse.ArgumentParser, *, head: bool = True)
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
                         help="compute precision (default: the backbone's fastest measured; see BENCHMARKS.md)")
     if head:
-        parser.add_argument("--head", choices=["logreg", "linear-svm", "sgd", "dense"], default=fields["head"].default,
+        parser.add_argument("--head", choices=["logreg", "linear-svm", "sgd", "dense", "gap"],
+                            default=fields["head"].default,
                             help="classifier: logreg or linear-svm (grid over C, cross-validated), sgd (out of core: "
-                                 "reads the store in blocks), dense (Keras Dense 256 + Dropout 0.5, early stopping) "
+                                 "reads the store in blocks), dense (Keras Dense 256 + Dropout 0.5, early stopping), "
+                                 "gap (global average pooling inside a Keras head; needs --pooling flatten) "
                                  "(default: %(default)s)")
     parser.add_argument("--store", choices=["hdf5", "zarr"], default=fields["store"].default,
                         help="feature store: hdf5 (DIR/features.h5, the classic layout) or zarr (DIR/features.zarr) "
@@ -92,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("dataset", metavar="DATASET", help="folder with one sub-folder per class")
     compare.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for the store, heads/ and the table")
     compare.add_argument("--heads", default="logreg,linear-svm,dense", metavar="H1,H2,...",
-                         help="comma-separated heads from logreg, linear-svm, sgd, dense (default: %(default)s)")
+                         help="comma-separated heads from logreg, linear-svm, sgd, dense, gap (gap needs --pooling "
+                              "flatten) (default: %(default)s)")
     _add_pipeline_options(compare, head=False)
     compare.add_argument("--overwrite", action="store_true",
                          help="replace outputs in DIR that are not from an earlier run on DATASET")
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validation_message(error: ValidationError) -> str:
-    return "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in error.errors())
+    return "; ".join((f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: " if e["loc"] else "")
+                     + e["msg"].removeprefix("Value error, ") for e in error.errors())
 
 
 if __name__ == "__main__":

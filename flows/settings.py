@@ -5,7 +5,7 @@ from typing import Literal
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tasks.backbones import BACKBONES, DEFAULT_BACKBONE, Pooling, Precision
 from tasks.extraction import ExtractionSettings
@@ -26,7 +26,7 @@ class PipelineSettings(BaseModel):
     pooling: Pooling = Field(default="avg", description="flatten (the classic recipe), avg or max over the last feature map.")
     precision: Precision | None = Field(default=None, description="Compute precision; empty: the backbone's fastest measured default.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
-    head: HeadName = Field(default="logreg", description="Classifier on the features: logreg, linear-svm (grids over C), sgd (out of core), dense (Keras MLP).")
+    head: HeadName = Field(default="logreg", description="Classifier on the features: logreg, linear-svm (grids over C), sgd (out of core), dense (Keras MLP), gap (Keras GAP head; needs pooling flatten).")
     store: Literal["hdf5", "zarr"] = Field(default="hdf5", description="Feature store format: HDF5 (classic layout, one file) or zarr (a folder; parallel writes, dask/xarray).")
     feature_dtype: Literal["float32", "float16"] = Field(default="float32", description="How features are stored; float16 halves the bytes.")
     test_size: float = Field(default=0.25, gt=0, lt=1, description="Fraction of each class held out for evaluation (ignored with train/ and test/ folders).")
@@ -51,6 +51,15 @@ class PipelineSettings(BaseModel):
         if not Path(value).is_dir():
             raise ValueError(f"dataset folder {value} does not exist or is not a folder")
         return value
+
+    @model_validator(mode="after")
+    def _gap_needs_the_unpooled_map(self):
+        heads = getattr(self, "heads", None) or [self.head]
+        if "gap" in heads and self.pooling != "flatten":
+            # Checked here so the mistake costs nothing: no extraction runs with the wrong pooling.
+            raise ValueError("the gap head pools the feature map itself: it needs --pooling flatten "
+                             f"(the unpooled map), got --pooling {self.pooling}")
+        return self
 
     def extraction(self) -> ExtractionSettings:
         return ExtractionSettings(backbone=self.backbone, weights=self.weights, image_size=self.image_size,

@@ -10,7 +10,7 @@ from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFo
 
 from tasks.logs import stage_logger
 
-HEADS = ("logreg", "linear-svm", "sgd", "dense")
+HEADS = ("logreg", "linear-svm", "sgd", "dense", "gap")
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -118,20 +118,14 @@ def _carve_validation(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
     return mask
 
 
-def fit_dense(features, labels, is_val, n_classes: int, settings) -> tuple[object, dict]:
-    """Normalization → Dense 256 ReLU → Dropout 0.5 → softmax; Adam; early stopping on val/ or a
-    stratified validation split carved from train; the best epoch's weights are kept."""
+def _fit_keras(build, features, labels, is_val, settings) -> tuple[object, dict]:
+    """Adam; early stopping on val/ or a stratified validation split carved from train; the best
+    epoch's weights kept. `build(train_features)` returns the uncompiled model."""
     import keras
 
     keras.utils.set_random_seed(settings.seed)
     val = is_val if is_val.any() else _carve_validation(labels, settings.validation_fraction, settings.seed)
-    normalise = keras.layers.Normalization(name="standardise")
-    normalise.adapt(features[~val])
-    inputs = keras.Input((features.shape[1],), name="features")
-    hidden = keras.layers.Dense(256, activation="relu", name="hidden")(normalise(inputs))
-    hidden = keras.layers.Dropout(0.5, name="dropout")(hidden)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="classes")(hidden)
-    model = keras.Model(inputs, outputs, name="dense_head")
+    model = build(features[~val])
     model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience, restore_best_weights=True)
@@ -142,3 +136,37 @@ def fit_dense(features, labels, is_val, n_classes: int, settings) -> tuple[objec
     best = int(np.argmin(history["val_loss"]))
     return model, {"best_params": {"epochs": best + 1}, "cv_score": history["val_accuracy"][best],
                    "score_name": "val accuracy", "history": history}
+
+
+def fit_dense(features, labels, is_val, n_classes: int, settings) -> tuple[object, dict]:
+    """Standardise → Dense 256 ReLU → Dropout 0.5 → softmax."""
+    import keras
+
+    def build(train: np.ndarray):
+        normalise = keras.layers.Normalization(name="standardise")
+        normalise.adapt(train)
+        inputs = keras.Input((features.shape[1],), name="features")
+        hidden = keras.layers.Dense(256, activation="relu", name="hidden")(normalise(inputs))
+        hidden = keras.layers.Dropout(0.5, name="dropout")(hidden)
+        outputs = keras.layers.Dense(n_classes, activation="softmax", name="classes")(hidden)
+        return keras.Model(inputs, outputs, name="dense_head")
+
+    return _fit_keras(build, features, labels, is_val, settings)
+
+
+def fit_gap(features, labels, is_val, n_classes: int, map_shape: tuple[int, int, int], settings) -> tuple[object, dict]:
+    """The unpooled feature map (stored flattened, row-major height × width × channels, by
+    `--pooling flatten`) → reshape → global average pooling → standardise → Dropout 0.5 → softmax:
+    the pooling happens inside the head."""
+    import keras
+
+    def build(train: np.ndarray):
+        normalise = keras.layers.Normalization(name="standardise")
+        normalise.adapt(train.reshape(len(train), *map_shape).mean(axis=(1, 2)))
+        inputs = keras.Input((features.shape[1],), name="feature_map")
+        pooled = keras.layers.GlobalAveragePooling2D(name="gap")(keras.layers.Reshape(map_shape, name="map")(inputs))
+        hidden = keras.layers.Dropout(0.5, name="dropout")(normalise(pooled))
+        outputs = keras.layers.Dense(n_classes, activation="softmax", name="classes")(hidden)
+        return keras.Model(inputs, outputs, name="gap_head")
+
+    return _fit_keras(build, features, labels, is_val, settings)

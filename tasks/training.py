@@ -10,20 +10,22 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from storage.errors import BundleError, DatasetError
+from storage.errors import BundleError, DatasetError, SettingsError, StoreError
 from storage.feature_store import FeatureStore, package_version, read_contents, read_features, rows_per_chunk
 from storage.model_bundle import BundleMetadata, ModelBundle, head_matches, load_bundle, save_bundle
-from tasks.heads import fit_dense, fit_linear_svm, fit_logreg, fit_sgd
+from tasks.backbones import get_backbone
+from tasks.heads import fit_dense, fit_gap, fit_linear_svm, fit_logreg, fit_sgd
 
 CLASSIC_C_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]  # the classic recipe's grid
 
 
-HeadName = Literal["logreg", "linear-svm", "sgd", "dense"]
+HeadName = Literal["logreg", "linear-svm", "sgd", "dense", "gap"]
 
 
 class TrainingSettings(BaseModel):
     head: HeadName = Field(default="logreg", description="Classifier trained on the frozen features: logreg or "
-                           "linear-svm (grid over C), sgd (out of core, store read in blocks), dense (Keras MLP).")
+                           "linear-svm (grid over C), sgd (out of core, store read in blocks), dense (Keras MLP), gap (Keras global "
+                           "average pooling over the unpooled map: needs --pooling flatten).")
     c_grid: list[float] = Field(default_factory=lambda: list(CLASSIC_C_GRID), description="Values of C searched by cross-validation (logreg, linear-svm).")
     cv_folds: int = Field(default=3, ge=2, description="Cross-validation folds for the search over C (when no val/ folder).")
     max_iter: int = Field(default=1000, ge=1)
@@ -41,7 +43,8 @@ class TrainingSettings(BaseModel):
         """The settings that decide this head (what the stage key and the bundle record)."""
         own = {"logreg": ("c_grid", "cv_folds", "max_iter"), "linear-svm": ("c_grid", "cv_folds", "max_iter"),
                "sgd": ("sgd_alpha", "sgd_epochs", "sgd_block_rows"),
-               "dense": ("epochs", "patience", "validation_fraction", "dense_batch_size", "learning_rate")}[self.head]
+               "dense": ("epochs", "patience", "validation_fraction", "dense_batch_size", "learning_rate"),
+               "gap": ("epochs", "patience", "validation_fraction", "dense_batch_size", "learning_rate")}[self.head]
         return {"head": self.head, "seed": self.seed, **{name: getattr(self, name) for name in own}}
 
 
@@ -75,6 +78,19 @@ def reusable_bundle(bundle_dir: Path, key: str) -> ModelBundle | None:
     return bundle if bundle.metadata.stage_key == key and head_matches(bundle) else None
 
 
+def feature_map_shape(store: FeatureStore) -> tuple[int, int, int]:
+    """(height, width, channels) of the unpooled map a `--pooling flatten` store holds, for the gap head."""
+    attrs = store.attrs
+    if attrs.get("pooling") != "flatten":
+        raise SettingsError(f"--head gap pools the backbone's feature map itself: it needs a store of unpooled maps "
+                            f"(--pooling flatten), this one is pooled with {attrs.get('pooling')}")
+    spec = get_backbone(attrs["backbone"])
+    side = -(-int(attrs["image_size"]) // spec.total_stride)
+    if side * side * spec.channels != store.feature_dim:
+        raise StoreError(f"{store.path}: {store.feature_dim}-d rows are not a {side}x{side}x{spec.channels} map")
+    return side, side, spec.channels
+
+
 def train_head(store: FeatureStore, bundle_dir: Path, settings: TrainingSettings, *, refresh: bool = False) -> TrainingResult:
     """Fit the head on the store's train (and val) rows and save it in `bundle_dir`, unless the bundle there
     was made from the same rows and settings (then it is returned as is)."""
@@ -104,6 +120,8 @@ def train_head(store: FeatureStore, bundle_dir: Path, settings: TrainingSettings
         features = read_features(store, rows)
         if settings.head == "dense":
             head, summary = fit_dense(features, labels, is_val, n_classes, settings)
+        elif settings.head == "gap":
+            head, summary = fit_gap(features, labels, is_val, n_classes, feature_map_shape(store), settings)
         else:
             head, summary = {"logreg": fit_logreg, "linear-svm": fit_linear_svm}[settings.head](
                 features, labels, is_val, settings)

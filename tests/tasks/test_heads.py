@@ -15,7 +15,7 @@ ATTRS = {"backbone": "vgg16", "weights_source": "random", "image_size": 32, "poo
          "precision": "float32", "preprocessing": "caffe"}
 
 
-def make_store(path, *, n_per_class=20, dim=8, names=("cat", "dog", "owl"), seed=0):
+def make_store(path, *, n_per_class=20, dim=8, names=("cat", "dog", "owl"), seed=0, attrs=ATTRS):
     """Three well-separated clusters; every fourth row is a test row."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(len(names)), n_per_class)
@@ -23,7 +23,7 @@ def make_store(path, *, n_per_class=20, dim=8, names=("cat", "dog", "owl"), seed
     centres = rng.normal(scale=6.0, size=(len(names), dim))
     features = (centres[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32)
     split = ["test" if i % 4 == 0 else "train" for i in range(len(labels))]
-    with create_store(path, feature_dim=dim, label_names=list(names), attrs=ATTRS) as writer:
+    with create_store(path, feature_dim=dim, label_names=list(names), attrs=attrs) as writer:
         writer.append(features, labels, [f"{names[l]}/{i}.png" for i, l in enumerate(labels)], split)
     return open_store(path)
 
@@ -106,3 +106,39 @@ def test_bundle_against_a_store_of_another_backbone_with_the_same_width_is_refus
         writer.append(np.zeros((4, 8), np.float32), np.array([0, 1, 2, 0]), list("abcd"), ["test"] * 4)
     with pytest.raises(BundleError, match="backbone vgg16, the store .* has backbone resnet50"):
         evaluate_bundle(training.bundle, open_store(tmp_path / "g.h5"), n_train=0)
+
+
+# vgg16 at 64 px: a 2x2x512 map, stored flattened by --pooling flatten.
+MAP_ATTRS = {**ATTRS, "image_size": 64, "pooling": "flatten"}
+
+
+def test_gap_head_pools_the_stored_map_and_round_trips(tmp_path):
+    store = make_store(tmp_path / "f.h5", dim=2 * 2 * 512, attrs=MAP_ATTRS)
+    training = train_head(store, tmp_path / "model", TrainingSettings(head="gap", **TINY["dense"]))
+    assert training.bundle.metadata.head_format == "keras" and training.history["loss"]
+    head = load_head(load_bundle(tmp_path / "model"))
+    assert [layer.name for layer in head.model.layers][1:3] == ["map", "gap"]
+    assert evaluate_bundle(training.bundle, store, n_train=training.n_train).accuracy >= 0.9
+    features = np.random.default_rng(2).normal(size=(3, 2048)).astype(np.float32)
+    np.testing.assert_array_equal(load_head(training.bundle).predict(features), head.predict(features))
+
+
+def test_gap_head_refuses_pooled_features(tmp_path):
+    from storage.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="--pooling flatten"):
+        train_head(make_store(tmp_path / "f.h5"), tmp_path / "model", TrainingSettings(head="gap"))
+
+
+def test_gap_with_pooled_settings_fails_before_any_work(tmp_path, capsys):
+    from flows.cli import EXIT_USER_ERROR, main
+    from flows.settings import CompareSettings, PipelineSettings
+
+    with pytest.raises(ValueError, match="--pooling flatten"):
+        PipelineSettings(dataset=str(tmp_path), output=str(tmp_path / "out"), head="gap")
+    with pytest.raises(ValueError, match="--pooling flatten"):
+        CompareSettings(dataset=str(tmp_path), output=str(tmp_path / "out"), heads=["logreg", "gap"])
+    PipelineSettings(dataset=str(tmp_path), output=str(tmp_path / "out"), head="gap", pooling="flatten")
+    assert main(["run", str(tmp_path), "-o", str(tmp_path / "out"), "--head", "gap"]) == EXIT_USER_ERROR
+    assert "transfer-flow: error: the gap head pools the feature map itself" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
