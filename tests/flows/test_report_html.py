@@ -55,3 +55,23 @@ def test_warm_dense_rerun_reuses_every_stage(dense_run):
     warm = transfer_learning(settings)
     assert warm.cached.model_dump() == {"extract": True, "train": True, "report": True}
     assert warm.accuracy == cold.accuracy
+
+
+def test_a_dense_bundle_labels_new_images_like_its_evaluation(dense_run, messy_dataset):
+    import numpy as np
+
+    from storage.feature_store import open_store, read_contents, read_features
+    from storage.model_bundle import load_bundle, load_head
+    from tasks.heads import class_probabilities
+    from tasks.prediction import predict_images
+
+    _, _, output = dense_run
+    bundle = load_bundle(output / "model")
+    store = open_store(output / "features.h5")
+    paths = read_contents(store).paths[:6]
+    expected = class_probabilities(load_head(bundle), read_features(store, np.arange(6)))
+    rows = predict_images(bundle, [str(messy_dataset / p) for p in paths] + [str(messy_dataset / "red/empty.jpg")])
+    assert rows[-1].error == "empty file" and not rows[-1].labels
+    for row, scores in zip(rows, expected):
+        got = dict(zip(row.labels, row.confidences))
+        np.testing.assert_allclose([got[n] for n in bundle.metadata.class_names], scores, rtol=1e-4, atol=1e-6)
