@@ -7,20 +7,18 @@ its preprocessing, so new images reach the head the way the training images did.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from storage.errors import BundleError, UnreadableImageError, WeightsUnavailableError
+from storage.errors import BundleError, WeightsUnavailableError
 from storage.model_bundle import ModelBundle, load_bundle, load_head
 from tasks.backbones import ResolvedWeights, get_backbone
 from tasks.extraction import ExtractionSettings, FeatureExtractor
 from tasks.heads import class_probabilities
-from tasks.images import decode_image
+from tasks.images import decoded_batches
 from tasks.listing import IMAGE_EXTENSIONS
 
 
@@ -96,18 +94,6 @@ def bundle_extractor(bundle: ModelBundle, batch_size: int = 32) -> FeatureExtrac
     return extractor
 
 
-def _decode(path: str, size: int) -> np.ndarray | str:
-    try:
-        return decode_image(path, size)
-    except UnreadableImageError as error:
-        return error.reason
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def predict_images(bundle: ModelBundle, paths: Sequence[str], *, top_k: int = 3, batch_size: int = 32,
                    decode_threads: int | None = None) -> list[PredictionRow]:
     """One row per path, in order; a file that cannot be decoded gets its reason in `error`, never an exception."""
@@ -117,30 +103,19 @@ def predict_images(bundle: ModelBundle, paths: Sequence[str], *, top_k: int = 3,
     dtype = np.dtype(bundle.metadata.feature_dtype)
     k = min(top_k, len(names))
     rows: list[PredictionRow] = []
-    batches = _chunks(paths, batch_size)
-    with ThreadPoolExecutor(decode_threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
-        pending: deque[tuple[Sequence[str], list[Future]]] = deque()
-
-        def submit_next() -> None:
-            batch = next(batches, None)
-            if batch is not None:
-                pending.append((batch, [pool.submit(_decode, p, extractor.image_size) for p in batch]))
-
-        for _ in range(2):  # decoding runs two batches ahead of the backbone, never the whole folder
-            submit_next()
-        while pending:
-            batch, futures = pending.popleft()
-            submit_next()
-            decoded = [f.result() for f in futures]
-            good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-            by_index: dict[int, PredictionRow] = {}
-            if good:
-                # Round through the store's dtype: the head saw features stored that way.
-                features = extractor(np.stack([decoded[i] for i in good])).astype(dtype).astype(np.float32)
-                probabilities = class_probabilities(head, features)
-                order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-                for row, i in enumerate(good):
-                    by_index[i] = PredictionRow(path=batch[i], labels=[names[c] for c in order[row]],
-                                                confidences=[float(probabilities[row, c]) for c in order[row]])
-            rows += [by_index.get(i) or PredictionRow(path=path, error=decoded[i]) for i, path in enumerate(batch)]
+    # The decode-ahead pipeline extraction uses: threads decode two batches ahead of the backbone.
+    for start, decoded in zip(range(0, len(paths), batch_size),
+                              decoded_batches(paths, extractor.image_size, batch_size, threads=decode_threads)):
+        batch = paths[start:start + batch_size]
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        by_index: dict[int, PredictionRow] = {}
+        if good:
+            # Round through the store's dtype: the head saw features stored that way.
+            features = extractor(np.stack([decoded[i] for i in good])).astype(dtype).astype(np.float32)
+            probabilities = class_probabilities(head, features)
+            order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+            for row, i in enumerate(good):
+                by_index[i] = PredictionRow(path=batch[i], labels=[names[c] for c in order[row]],
+                                            confidences=[float(probabilities[row, c]) for c in order[row]])
+        rows += [by_index.get(i) or PredictionRow(path=path, error=decoded[i]) for i, path in enumerate(batch)]
     return rows
