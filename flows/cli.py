@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ def _add_pipeline_options(parser: argparse.ArgumentParser, *, head: bool = True)
 
     fields = PipelineSettings.model_fields
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default=fields["backbone"].default,
-                        help=f"pretrained CNN (default: %(default)s; see `transfer-flow backbones`)")
+                        help="pretrained CNN (default: %(default)s; see `transfer-flow backbones`)")
     parser.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
                         help="imagenet: Keras cache, then an installed offline package, then download; "
                              "none: random init; PATH: a .weights.h5/.h5 file (default: %(default)s)")
@@ -214,17 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
     try:
-        if args.command == "run":
-            return _run_pipeline(_settings(args, args.dataset, args.output, args.overwrite))
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "compare":
-            return _compare(args)
-        if args.command == "predict":
-            return _predict(args)
-        if args.command == "backbones":
-            return _backbones()
-        return args.handler(args)
+        with _prefect_api(args.command):
+            return _dispatch(args)
     except (TransferFlowError, ValidationError) as error:
         if args.debug:
             raise
@@ -234,6 +226,43 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("transfer-flow: interrupted; no partial output was left under a final name", file=sys.stderr)
         return 130
+
+
+FLOW_COMMANDS = ("run", "demo", "compare", "predict")
+
+
+@contextlib.contextmanager
+def _prefect_api(command: str):
+    """Run flows against a server already up at the default address (`transfer-flow server`), so runs show
+    in its UI and skip the ~6 s of a temporary server; PREFECT_API_URL, when set, always wins."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if command not in FLOW_COMMANDS or PREFECT_API_URL.value():
+        yield
+        return
+    from deployments.server import running_local_server
+
+    url = running_local_server()
+    if url is None:
+        yield
+        return
+    print(f"transfer-flow: using the Prefect server at {url} (set PREFECT_API_URL to choose another)", file=sys.stderr)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run_pipeline(_settings(args, args.dataset, args.output, args.overwrite))
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "predict":
+        return _predict(args)
+    if args.command == "backbones":
+        return _backbones()
+    return args.handler(args)
 
 
 def _validation_message(error: ValidationError) -> str:

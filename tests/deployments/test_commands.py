@@ -141,7 +141,8 @@ def test_server_serve_inspect_and_a_triggered_run_on_a_real_server(real_server, 
     api = f"http://127.0.0.1:{port}/api"
     assert f"UI:  http://127.0.0.1:{port}" in printed and f"export PREFECT_API_URL={api}" in printed
     assert (tmp_path / "home" / "prefect" / "prefect.db").is_file()
-    assert running_local_server("127.0.0.1", port) == api  # a plain `transfer-flow run` would use it
+    assert running_local_server("127.0.0.1", port) == api
+    _cli_uses_a_running_server(api, port)
     env = client_env(tmp_path, api)
     serve = subprocess.run([*COMMANDS, "serve", "--register-only", "--home", str(tmp_path / "home"), "--dataset",
                             str(colour_dataset), "--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32"],
@@ -159,6 +160,26 @@ def test_server_serve_inspect_and_a_triggered_run_on_a_real_server(real_server, 
             runs = [r for r in asyncio.run(_flow_runs()) if r.parameters.get("settings", {}).get("dataset") == str(colour_dataset)]
             time.sleep(0.5)
     assert len(runs) == 1 and runs[0].parameters["settings"]["output"] == f"{tmp_path / 'home'}/runs/colours"
+
+
+def _cli_uses_a_running_server(api: str, port: int) -> None:
+    """With no PREFECT_API_URL, the flow commands point Prefect at the server that answers (here on `port`)."""
+    import functools
+
+    import deployments.server as server
+    from flows.cli import _prefect_api
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    found = functools.partial(server.running_local_server, "127.0.0.1", port)
+    original, server.running_local_server = server.running_local_server, found
+    try:
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):
+            with _prefect_api("run"):
+                assert PREFECT_API_URL.value() == api
+            with _prefect_api("backbones"):  # no flow: no server needed
+                assert not PREFECT_API_URL.value()
+    finally:
+        server.running_local_server = original
 
 
 async def _flow_runs():
