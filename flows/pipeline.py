@@ -6,11 +6,17 @@ import time
 
 from prefect import flow, unmapped
 from prefect_dask import DaskTaskRunner
+from pydantic import BaseModel
 
 from flows.settings import PipelineSettings
+from storage.manifest import Manifest
 from storage.output_layout import OutputLayout
 from storage.run_summary import RunSummary, SkippedImageRecord, StageCached, StageSeconds
 from tasks import stages
+from tasks.evaluation import Evaluation
+from tasks.extraction import ExtractionResult
+from tasks.hashing import HashingStats
+from tasks.training import TrainingResult
 
 
 def dask_task_runner(settings: PipelineSettings) -> DaskTaskRunner:
@@ -29,6 +35,57 @@ def dask_task_runner(settings: PipelineSettings) -> DaskTaskRunner:
     })
 
 
+class ExtractedFeatures(BaseModel):
+    """What the shared front of every training flow hands on: the listed images and their store."""
+
+    layout: OutputLayout
+    manifest: Manifest
+    hashing: HashingStats
+    extraction: ExtractionResult
+    list_seconds: float
+    extract_seconds: float
+
+
+def extracted_features(settings: PipelineSettings) -> ExtractedFeatures:
+    """list → split → extract (in this process, or as shards on Dask); called inside a flow, under the output lock."""
+    started = time.perf_counter()
+    layout = stages.claimed_output(settings.output, settings.dataset, settings.store, settings.overwrite)
+    manifest, hashing = stages.listed_manifest(settings.dataset, settings.seed, layout, settings.refreshes("hash"))
+    manifest = stages.split(manifest, settings.test_size, settings.seed)
+    listed = time.perf_counter()
+    plan = stages.extraction_plan(manifest, layout, settings.extraction(), settings.refreshes("extract"))
+    if settings.distributed() and plan.todo:
+        with dask_task_runner(settings) as runner:  # shards as Prefect tasks on Dask workers
+            shards = runner.map(stages.extracted_shard, {"records": plan.shards(settings.shard_images),
+                                                         "root": unmapped(manifest.root), "plan": unmapped(plan)})
+            shards.result()
+    elif plan.todo:
+        stages.extracted_shard(plan.todo, manifest.root, plan)  # one stream, decode overlapped, in this process
+    extraction = stages.feature_store(manifest, layout, plan)
+    return ExtractedFeatures(layout=layout, manifest=manifest, hashing=hashing, extraction=extraction,
+                             list_seconds=listed - started, extract_seconds=time.perf_counter() - listed)
+
+
+def run_summary_of(features: ExtractedFeatures, training: TrainingResult, result: Evaluation, metrics: dict,
+                   report_cached: bool, model_layout: OutputLayout, *, train_seconds: float,
+                   evaluate_seconds: float, total_seconds: float) -> RunSummary:
+    manifest, extraction = features.manifest, features.extraction
+    return RunSummary(
+        dataset=manifest.root, store=str(features.layout.store), model=str(model_layout.model),
+        report=str(model_layout.report), images_listed=len(manifest.records),
+        images_extracted=extraction.images_extracted, images_reused=extraction.images_reused,
+        images_skipped=[SkippedImageRecord(**s.model_dump()) for s in extraction.images_skipped],
+        images_ignored=sum(manifest.ignored.values()), ignored_by_reason=manifest.ignored,
+        dropped_classes=manifest.dropped_classes, classes=manifest.class_names,
+        backbone=metrics["backbone"], weights_source=metrics["weights_source"], precision=extraction.precision,
+        image_size=metrics["image_size"], pooling=metrics["pooling"],
+        accuracy=result.accuracy, macro_f1=result.macro_f1, images_hashed=features.hashing.images_hashed,
+        cached=StageCached(extract=extraction.cached, train=training.cached, report=report_cached),
+        seconds=StageSeconds(list=features.list_seconds, extract=features.extract_seconds, train=train_seconds,
+                             evaluate=evaluate_seconds, total=total_seconds),
+    )
+
+
 @flow(name="transfer-learning", log_prints=True)
 def transfer_learning(settings: PipelineSettings) -> RunSummary:
     """Extract pretrained-CNN features from a folder of labelled images, train a classifier, write a report.
@@ -37,36 +94,15 @@ def transfer_learning(settings: PipelineSettings) -> RunSummary:
     """
     started = time.perf_counter()
     with OutputLayout(root=settings.output).locked(wait=settings.wait):  # one writer per output folder
-        layout = stages.claimed_output(settings.output, settings.dataset, settings.store, settings.overwrite)
-        manifest, hashing = stages.listed_manifest(settings.dataset, settings.seed, layout, settings.refreshes("hash"))
-        manifest = stages.split(manifest, settings.test_size, settings.seed)
-        listed = time.perf_counter()
-        plan = stages.extraction_plan(manifest, layout, settings.extraction(), settings.refreshes("extract"))
-        if settings.distributed() and plan.todo:
-            with dask_task_runner(settings) as runner:  # shards as Prefect tasks on Dask workers
-                shards = runner.map(stages.extracted_shard, {"records": plan.shards(settings.shard_images),
-                                                             "root": unmapped(manifest.root), "plan": unmapped(plan)})
-                shards.result()
-        elif plan.todo:
-            stages.extracted_shard(plan.todo, manifest.root, plan)  # one stream, decode overlapped, in this process
-        extraction = stages.feature_store(manifest, layout, plan)
+        features = extracted_features(settings)
         extracted = time.perf_counter()
-        training = stages.trained_bundle(extraction, layout, settings.training(), settings.refreshes("train"))
+        training = stages.trained_bundle(features.extraction, features.layout, settings.training(),
+                                         settings.refreshes("train"))
         trained = time.perf_counter()
-        result = stages.evaluation(training, extraction)
-        metrics, report_cached = stages.report(result, extraction, training, layout, settings.refreshes("report"))
-        evaluated = time.perf_counter()
-        return stages.run_summary(RunSummary(
-            dataset=manifest.root, store=str(layout.store), model=str(layout.model), report=str(layout.report),
-            images_listed=len(manifest.records), images_extracted=extraction.images_extracted,
-            images_reused=extraction.images_reused,
-            images_skipped=[SkippedImageRecord(**s.model_dump()) for s in extraction.images_skipped],
-            images_ignored=sum(manifest.ignored.values()), ignored_by_reason=manifest.ignored,
-            dropped_classes=manifest.dropped_classes, classes=manifest.class_names,
-            backbone=metrics["backbone"], weights_source=metrics["weights_source"], precision=extraction.precision,
-            image_size=metrics["image_size"], pooling=metrics["pooling"],
-            accuracy=result.accuracy, macro_f1=result.macro_f1, images_hashed=hashing.images_hashed,
-            cached=StageCached(extract=extraction.cached, train=training.cached, report=report_cached),
-            seconds=StageSeconds(list=listed - started, extract=extracted - listed, train=trained - extracted,
-                                 evaluate=evaluated - trained, total=time.perf_counter() - started),
-        ), layout)
+        result = stages.evaluation(training, features.extraction)
+        metrics, report_cached = stages.report(result, features.extraction, training, features.layout,
+                                               settings.refreshes("report"))
+        summary = run_summary_of(features, training, result, metrics, report_cached, features.layout,
+                                 train_seconds=trained - extracted, evaluate_seconds=time.perf_counter() - trained,
+                                 total_seconds=time.perf_counter() - started)
+        return stages.run_summary(summary, features.layout)
