@@ -5,7 +5,6 @@ import hashlib
 import json
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -56,7 +55,6 @@ class ExtractionResult(BaseModel):
     precision: Precision
     extraction_key: str
     cached: bool = Field(default=False, description="The whole store was already complete: nothing was read or written.")
-    seconds: float
 
 
 EXTRACTION_CODE_VERSION = 1  # bump when decoding or feature computation changes the values of a row
@@ -106,29 +104,21 @@ class FeatureExtractor:
 RESIZE = "bilinear, straight to image_size (no crop)"
 
 
-def reusable_store(store_path: Path, key: str) -> FeatureStore | None:
-    """The store at `store_path` if it is complete, readable and made with extraction settings `key`."""
-    try:
-        store = open_store(store_path)
-    except StoreError:
+def _existing_store(store_path: Path) -> FeatureStore | None:
+    """The complete store at `store_path`; None if there is none; refuses anything else found there."""
+    if not store_exists(store_path):
         return None
-    return store if store.attrs.get("extraction_key") == key else None
-
-
-def _is_store(path: Path) -> bool:
     try:
-        open_store(path)
-        return True
+        return open_store(store_path)
     except StoreError:
-        return False
+        raise OutputExistsError(f"{store_path} exists and is not a feature store: refusing to replace it") from None
 
 
 class ExtractionPlan(BaseModel):
     """What an extraction has to do: computed once, then run locally or as Dask shards, then assembled."""
 
-    settings: ExtractionSettings
+    settings: ExtractionSettings = Field(description="As asked, with the precision resolved for this machine.")
     weights: ResolvedWeights
-    precision: Precision
     key: str
     feature_dim: int
     parts_dir: str
@@ -146,12 +136,11 @@ def plan_extraction(manifest: Manifest, store_path: Path, settings: ExtractionSe
     weights = resolve_weights(spec, settings.weights)
     settings = settings.model_copy(update={"precision": resolve_precision(spec, settings.precision)})
     key = extraction_key(settings, weights)
-    if store_exists(store_path) and not _is_store(store_path):
-        raise OutputExistsError(f"{store_path} exists and is not a feature store: refusing to replace it")
-    previous = None if refresh else reusable_store(store_path, key)
+    existing = _existing_store(store_path)
+    previous = existing if not refresh and existing is not None and existing.attrs.get("extraction_key") == key else None
     feature_dim = spec.feature_dim(settings.pooling, settings.resolved_size())
     parts_dir = Path(f"{store_path}.{key}.parts")
-    plan = ExtractionPlan(settings=settings, weights=weights, precision=settings.precision, key=key,
+    plan = ExtractionPlan(settings=settings, weights=weights, key=key,
                           feature_dim=feature_dim, parts_dir=str(parts_dir),
                           previous_store=previous.path if previous is not None else None, todo=[])
     if previous is not None and previous.attrs.get("manifest_fingerprint") == manifest.fingerprint():
@@ -192,9 +181,8 @@ def extract_records(records: Sequence[ImageRecord], root: Path, plan: Extraction
     return len(records)
 
 
-def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan, *, started: float | None = None) -> ExtractionResult:
+def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -> ExtractionResult:
     """Write the complete store from reused rows and committed shards, in manifest order, then drop the shards."""
-    started = time.perf_counter() if started is None else started
     spec = get_backbone(plan.settings.backbone)
     extracted_hashes = {r.content_hash for r in plan.todo}
 
@@ -203,8 +191,7 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan, *
             store=store, images_extracted=extracted, images_reused=store.n_rows - extracted,
             images_skipped=[SkippedImage(path=r.path, reason=reasons[r.content_hash])
                             for r in manifest.records if r.content_hash in reasons],
-            weights=plan.weights, precision=plan.precision, extraction_key=plan.key, cached=cached,
-            seconds=time.perf_counter() - started)
+            weights=plan.weights, precision=plan.settings.precision, extraction_key=plan.key, cached=cached)
 
     if plan.complete:
         previous = open_store(plan.previous_store)
@@ -217,7 +204,7 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan, *
     skipped = {r.content_hash: cache.skipped[r.content_hash] for r in manifest.records if r.content_hash in cache.skipped}
     attrs = {
         "backbone": spec.name, "weights_source": plan.weights.describe(), "image_size": plan.settings.resolved_size(),
-        "pooling": plan.settings.pooling, "precision": plan.precision, "preprocessing": spec.preprocessing,
+        "pooling": plan.settings.pooling, "precision": plan.settings.precision, "preprocessing": spec.preprocessing,
         "resize": RESIZE, "feature_dtype": plan.settings.feature_dtype, "dataset_root": manifest.root, "manifest_fingerprint": manifest.fingerprint(),
         "extraction_key": plan.key, "skipped": json.dumps(skipped),
     }
@@ -241,11 +228,10 @@ def extract_features(manifest: Manifest, store_path: Path, settings: ExtractionS
     skipped with a reason; rows of images no longer listed leave. The store is replaced atomically;
     committed shards make a killed run resumable.
     """
-    started = time.perf_counter()
     plan = plan_extraction(manifest, store_path, settings, refresh=refresh)
     extract_records(plan.todo, Path(manifest.root), plan, decode_threads=decode_threads,
                     prefetch_batches=prefetch_batches, shard_images=shard_images)
-    return assemble_store(manifest, store_path, plan, started=started)
+    return assemble_store(manifest, store_path, plan)
 
 
 def _extract_into_shards(records: Sequence[ImageRecord], root: Path, extractor: FeatureExtractor, cache: RowCache,

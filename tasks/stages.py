@@ -68,7 +68,7 @@ def split(manifest: Manifest, test_size: float, seed: int) -> Manifest:
 def extraction_plan(manifest: Manifest, layout: OutputLayout, settings: ExtractionSettings, refresh: bool) -> ExtractionPlan:
     plan = plan_extraction(manifest, layout.store, settings, refresh=refresh)
     stage_logger().info("extract: %d images to extract with %s (%s, %s)%s", len(plan.todo), settings.backbone,
-                        plan.precision, plan.weights.describe(), "; the store is up to date" if plan.complete else "")
+                        plan.settings.precision, plan.weights.describe(), "; the store is up to date" if plan.complete else "")
     return plan
 
 
