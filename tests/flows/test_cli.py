@@ -37,8 +37,10 @@ def test_unknown_backbone_is_an_argument_error(tmp_path):
     assert caught.value.code == 2
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(Exception):
+def test_debug_lets_the_error_itself_through(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="does not exist"):
         main(["--debug", "run", str(tmp_path / "nope"), "--output", str(tmp_path / "out")])
 
 
