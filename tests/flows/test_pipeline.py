@@ -59,7 +59,8 @@ def test_report_is_published_as_prefect_artifacts(finished_run):
             return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
     summary_artifacts = asyncio.run(read("evaluation-summary"))
-    assert summary_artifacts and f"{summary_artifacts[0].data}".count("accuracy") >= 1
+    summary, _ = finished_run
+    assert any(f"accuracy: **{summary.accuracy:.4f}**" in f"{a.data}" for a in summary_artifacts)
     assert asyncio.run(read("per-class-metrics"))
 
 
