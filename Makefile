@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Reinstall only when the declared dependencies change (install is idempotent and cheap when nothing did).
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -18,8 +18,24 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/transfer-flow demo --output demo-output
 
-test: install
+# The whole suite, after the house checks (lint, line length, the import-layer contract).
+test: lint
 	$(BIN)/python -m pytest
+
+# What needs no server of its own, no cluster and no Keras training: a quick loop while editing.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+# Speed and memory figures (recorded in BENCHMARKS.md with these commands); not part of `make test`.
+bench: install
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/caching.py
+	$(BIN)/python bench/feature_store.py
+	$(BIN)/python bench/sgd_out_of_core.py
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -13,12 +13,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def run_cli(dataset: Path, output: Path, backbone: str, env: dict[str, str]) -> tuple[float, dict]:
@@ -34,7 +32,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "caching")
     args = parser.parse_args()
-    from storage.demo_dataset import write_digits_dataset
+    from transfer_flow.storage.demo_dataset import write_digits_dataset
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     source = write_digits_dataset(args.workdir / "all")
@@ -51,28 +49,41 @@ def main() -> None:
     print(f"cold:        {cold['images_extracted']} images extracted, extract {cold['seconds']['extract']:.2f} s, "
           f"flow total {cold['seconds']['total']:.2f} s, CLI wall {wall:.2f} s")
     wall, warm = run_cli(dataset, output, args.backbone, env)
-    print(f"warm:        {warm['images_extracted']} extracted, {warm['images_hashed']} hashed, cached {warm['cached']}, "
-          f"extract {warm['seconds']['extract']:.3f} s = {warm['seconds']['extract'] / cold['seconds']['extract']:.2%} of cold, "
-          f"flow total {warm['seconds']['total']:.2f} s, CLI wall {wall:.2f} s")
+    print(
+        f"warm:        {warm['images_extracted']} extracted, {warm['images_hashed']} hashed, cached {warm['cached']}, "
+        f"extract {warm['seconds']['extract']:.3f} s = {warm['seconds']['extract'] / cold['seconds']['extract']:.2%} of cold, "
+        f"flow total {warm['seconds']['total']:.2f} s, CLI wall {wall:.2f} s"
+    )
     for path in files[base_count:]:
         shutil.copy2(path, dataset / path.parent.name / path.name)
     wall, grown = run_cli(dataset, output, args.backbone, env)
-    print(f"+{len(files) - base_count} images ({(len(files) - base_count) / base_count:.0%}): "
-          f"{grown['images_extracted']} extracted, {grown['images_reused']} reused, extract "
-          f"{grown['seconds']['extract']:.2f} s = {grown['seconds']['extract'] / cold['seconds']['extract']:.2%} of cold")
+    print(
+        f"+{len(files) - base_count} images ({(len(files) - base_count) / base_count:.0%}): "
+        f"{grown['images_extracted']} extracted, {grown['images_reused']} reused, extract "
+        f"{grown['seconds']['extract']:.2f} s = {grown['seconds']['extract'] / cold['seconds']['extract']:.2%} of cold"
+    )
 
     # Start-up: the same warm run against an already running server instead of a temporary one.
     home = args.workdir / "prefect-home"
     server_env = {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_PORT": "4290"}
-    server = subprocess.Popen([str(REPO / ".venv/bin/prefect"), "server", "start", "--host", "127.0.0.1", "--port", "4290"],
-                              env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(REPO / ".venv/bin/prefect"), "server", "start", "--host", "127.0.0.1", "--port", "4290"],
+        env=server_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         client_env = {**env, "PREFECT_HOME": str(home), "PREFECT_API_URL": "http://127.0.0.1:4290/api"}
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            probe = subprocess.run([str(REPO / ".venv/bin/python"), "-c",
-                                    "import urllib.request; urllib.request.urlopen('http://127.0.0.1:4290/api/health', timeout=2)"],
-                                   capture_output=True)
+            probe = subprocess.run(
+                [
+                    str(REPO / ".venv/bin/python"),
+                    "-c",
+                    "import urllib.request; urllib.request.urlopen('http://127.0.0.1:4290/api/health', timeout=2)",
+                ],
+                capture_output=True,
+            )
             if probe.returncode == 0:
                 break
             time.sleep(1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -21,10 +20,17 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from storage.feature_store import (commit_store, create_store, open_store, preallocate_zarr_store,  # noqa: E402
-                                   read_contents, read_features, rows_per_chunk, write_rows)
+from transfer_flow.storage.feature_store import (  # noqa: E402
+    commit_store,
+    create_store,
+    open_store,
+    preallocate_zarr_store,
+    read_contents,
+    read_features,
+    rows_per_chunk,
+    write_rows,
+)
 
 
 def source_rows(source: Path | None, rows: int, dim: int) -> tuple[np.ndarray, str]:
@@ -61,9 +67,19 @@ def write_parallel(path: Path, features: np.ndarray, dtype: str, workers: int, p
                                  dtype=dtype, overwrite=True)
     step = -(-n // workers)
     step = -(-step // rows_per_chunk(dim, np.dtype(dtype))) * rows_per_chunk(dim, np.dtype(dtype))  # aligned ranges
-    jobs = [pool.submit(write_rows, tmp, s, features[s:s + step], labels[s:s + step],
-                        [f"{i % 10}/{i:06d}.png" for i in range(s, min(n, s + step))], ["train"] * len(labels[s:s + step]),
-                        [f"{i:064x}" for i in range(s, min(n, s + step))]) for s in range(0, n, step)]
+    jobs = [
+        pool.submit(
+            write_rows,
+            tmp,
+            s,
+            features[s : s + step],
+            labels[s : s + step],
+            [f"{i % 10}/{i:06d}.png" for i in range(s, min(n, s + step))],
+            ["train"] * len(labels[s : s + step]),
+            [f"{i:064x}" for i in range(s, min(n, s + step))],
+        )
+        for s in range(0, n, step)
+    ]
     for job in jobs:
         job.result()
     commit_store(tmp, path, overwrite=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,14 +27,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 ATTRS = {"backbone": "synthetic", "weights_source": "random", "image_size": 224, "pooling": "avg",
          "precision": "float32", "preprocessing": "none"}
 
 
 def write_store(path: Path, rows: int, dim: int, classes: int) -> None:
-    from storage.feature_store import create_store, rows_per_chunk
+    from transfer_flow.storage.feature_store import create_store, rows_per_chunk
 
     rng = np.random.default_rng(0)
     centres = rng.normal(scale=1.0, size=(classes, dim)).astype(np.float32)
@@ -56,8 +54,8 @@ def _address_space() -> int:
 
 
 def _child(kind: str, store_path: str, model_dir: str, headroom: int, answer) -> None:
-    from storage.feature_store import open_store, read_contents, read_features
-    from tasks.training import TrainingSettings, train_head
+    from transfer_flow.storage.feature_store import open_store, read_contents, read_features
+    from transfer_flow.tasks.training import TrainingSettings, train_head
 
     store = open_store(store_path)
     contents = read_contents(store)

@@ -26,7 +26,9 @@ SHARED = REPO.parent / "shared"
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 
 
-def measured(command: list[str], env: dict[str, str], first_batch: str | None = None) -> tuple[float, float | None, float, str]:
+def measured(
+    command: list[str], env: dict[str, str], first_batch: str | None = None
+) -> tuple[float, float | None, float, str]:
     """Run `command` in a wrapper process; return (wall s, s to first line matching `first_batch`, peak RSS MiB, output)."""
     wrapper = (
         "import resource, subprocess, sys, time\n"
@@ -39,7 +41,9 @@ def measured(command: list[str], env: dict[str, str], first_batch: str | None = 
         "print('\\n'.join(['@@', str(time.perf_counter() - start), str(first), str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), str(p.returncode)]))\n"
         "sys.stdout.write(''.join(out))\n"
     )
-    done = subprocess.run([sys.executable, "-c", wrapper, first_batch or "", *command], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, first_batch or "", *command], capture_output=True, text=True, env=env
+    )
     head, _, output = done.stdout.partition("\n")
     _, wall, first, rss_kib, code = done.stdout.split("\n")[:5]
     output = "\n".join(done.stdout.split("\n")[5:])
@@ -51,7 +55,7 @@ def measured(command: list[str], env: dict[str, str], first_batch: str | None = 
 def raw_rate(backbone: str, precision: str, batch: int = 32, seconds: float = 10.0) -> float:
     code = f"""
 import time, numpy as np, tensorflow as tf
-from tasks.backbones import build_feature_model, get_backbone, resolve_weights
+from transfer_flow.tasks.backbones import build_feature_model, get_backbone, resolve_weights
 spec = get_backbone({backbone!r})
 model = build_feature_model(spec, image_size=spec.native_size, pooling="avg", precision={precision!r}, weights=resolve_weights(spec, "none"))
 forward = tf.function(lambda b: model(b, training=False))
@@ -70,7 +74,7 @@ def decode_rate(folder: Path, size: int) -> float:
     code = f"""
 import time
 from pathlib import Path
-from tasks.images import decode_image
+from transfer_flow.tasks.images import decode_image
 files = sorted(Path({str(folder)!r}).glob("*/*.jpg"))[:200]
 start = time.perf_counter()
 for f in files: decode_image(f, {size})
@@ -81,14 +85,31 @@ print(len(files) / (time.perf_counter() - start))
 
 def photos(folder: Path, n: int) -> Path:
     if not folder.is_dir() or sum(1 for _ in folder.glob("*/*.jpg")) != n:
-        subprocess.run([PYTHON, str(SHARED / "datasets" / "make_datasets.py"), "photos", str(folder), str(n)], check=True)
+        subprocess.run(
+            [PYTHON, str(SHARED / "datasets" / "make_datasets.py"), "photos", str(folder), str(n)], check=True
+        )
     return folder
 
 
 def pipeline(dataset: Path, output: Path, backbone: str, env: dict[str, str]) -> tuple[dict, float | None, float]:
-    wall, first, rss, _ = measured([str(REPO / ".venv/bin/transfer-flow"), "run", str(dataset), "--output", str(output),
-                                    "--backbone", backbone, "--weights", "none", "--refresh", "all", "--overwrite"], env,
-                                   first_batch=r"extract: \d+/\d+ images")
+    wall, first, rss, _ = measured(
+        [
+            str(REPO / ".venv/bin/transfer-flow"),
+            "run",
+            str(dataset),
+            "--output",
+            str(output),
+            "--backbone",
+            backbone,
+            "--weights",
+            "none",
+            "--refresh",
+            "all",
+            "--overwrite",
+        ],
+        env,
+        first_batch=r"extract: \d+/\d+ images",
+    )
     return json.loads((output / "run.json").read_text()), first, rss
 
 
@@ -109,20 +130,32 @@ def main() -> None:
     summary, first, rss = pipeline(data, args.workdir / f"ours-{args.images}-{args.backbone}", args.backbone, env)
     ours_rate = summary["images_extracted"] / summary["seconds"]["extract"]
     raw = raw_rate(args.backbone, summary["precision"])
-    from_spec = __import__("tasks.backbones", fromlist=["get_backbone"]).get_backbone(args.backbone).native_size
+    from_spec = (
+        __import__("transfer_flow.tasks.backbones", fromlist=["get_backbone"]).get_backbone(args.backbone).native_size
+    )
     decode = decode_rate(data, from_spec)
     print(f"machine: {os.cpu_count()} CPUs; backbone {args.backbone}, {args.images} JPEG 500x375")
-    print(f"classic recipe:   {classic_rate:7.2f} img/s  (fp32 model.predict, load_img loop)  peak RSS {classic_rss:6.0f} MiB")
-    print(f"transfer-flow:    {ours_rate:7.2f} img/s  ({summary['precision']}; decode+inference+store)  peak RSS {rss:6.0f} MiB")
+    print(
+        f"classic recipe:   {classic_rate:7.2f} img/s  (fp32 model.predict, load_img loop)  peak RSS {classic_rss:6.0f} MiB"
+    )
+    print(
+        f"transfer-flow:    {ours_rate:7.2f} img/s  ({summary['precision']}; decode+inference+store)  peak RSS {rss:6.0f} MiB"
+    )
     print(f"ratio:            {ours_rate / classic_rate:7.2f}x the classic recipe")
-    print(f"raw tensor rate:  {raw:7.2f} img/s  ({summary['precision']}, tf.function, batch 32) -> end-to-end = {ours_rate / raw:.2f}x raw")
+    print(
+        f"raw tensor rate:  {raw:7.2f} img/s  ({summary['precision']}, tf.function, batch 32) -> end-to-end = {ours_rate / raw:.2f}x raw"
+    )
     print(f"decode rate:      {decode:7.2f} img/s  (one thread)")
     print(f"CLI start to first batch: {first:.1f} s" if first is not None else "CLI start to first batch: n/a")
     if args.memory_images:
         big = photos(args.workdir / f"photos-{args.memory_images}", args.memory_images)
-        big_summary, _, big_rss = pipeline(big, args.workdir / f"ours-{args.memory_images}-{args.backbone}", args.backbone, env)
-        print(f"memory: {args.images} images -> {rss:.0f} MiB; {args.memory_images} images -> {big_rss:.0f} MiB "
-              f"({big_rss / rss:.2f}x); {big_summary['images_extracted'] / big_summary['seconds']['extract']:.2f} img/s")
+        big_summary, _, big_rss = pipeline(
+            big, args.workdir / f"ours-{args.memory_images}-{args.backbone}", args.backbone, env
+        )
+        print(
+            f"memory: {args.images} images -> {rss:.0f} MiB; {args.memory_images} images -> {big_rss:.0f} MiB "
+            f"({big_rss / rss:.2f}x); {big_summary['images_extracted'] / big_summary['seconds']['extract']:.2f} img/s"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The `server`, `serve` and `watch` subcommands of `transfer-flow`.
 
 flows/cli.py adds them with `add_deployment_commands(commands)` and calls `args.handler(args)`;
-`python -m deployments.commands ...` runs them alone. Handlers return an exit code and raise
+`python -m transfer_flow.deployments.commands ...` runs them alone. Handlers return an exit code and raise
 `TransferFlowError` subclasses for user errors.
 """
 from __future__ import annotations
@@ -11,16 +11,20 @@ import logging
 import sys
 from pathlib import Path
 
-from storage.errors import SettingsError
+from transfer_flow.flows.options import add_pipeline_options
+from transfer_flow.storage.errors import SettingsError
 
-_HOME_HELP = "transfer-flow's folder: server database, model registry, run outputs (default: $TRANSFER_FLOW_HOME or ~/.transfer-flow)"
+_HOME_HELP = (
+    "transfer-flow's folder: server database, model registry, run outputs "
+    "(default: $TRANSFER_FLOW_HOME or ~/.transfer-flow)"
+)
 
 
 def add_deployment_commands(subparsers) -> None:
     """Add `server`, `serve` and `watch` to the `transfer-flow` subcommands."""
-    from deployments.definitions import NIGHTLY
-    from deployments.server import DEFAULT_HOST, DEFAULT_PORT
-    from deployments.watch import MARKER, STATE_FILE
+    from transfer_flow.deployments.definitions import NIGHTLY
+    from transfer_flow.flows.prefect_api import DEFAULT_HOST, DEFAULT_PORT
+    from transfer_flow.tasks.inbox import MARKER, STATE_FILE
 
     server = subparsers.add_parser(
         "server", help="start a local Prefect server (API + UI) for scheduled and triggered runs",
@@ -29,8 +33,11 @@ def add_deployment_commands(subparsers) -> None:
                     "PREFECT_API_URL to export in the terminals that run `transfer-flow serve` and `watch`. "
                     "Ctrl-C stops it.")
     server.add_argument("--home", metavar="DIR", help=_HOME_HELP)
-    server.add_argument("--host", default=DEFAULT_HOST,
-                        help="address to listen on (default: %(default)s; 0.0.0.0 exposes the unauthenticated API to the network)")
+    server.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="address to listen on (default: %(default)s; 0.0.0.0 exposes the unauthenticated API to the network)",
+    )
     server.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
     server.set_defaults(handler=_server)
 
@@ -43,10 +50,15 @@ def add_deployment_commands(subparsers) -> None:
                     "options below become the deployments' default parameters (scheduled and triggered runs "
                     "always --wait for a run writing the same output).")
     serve.add_argument("--home", metavar="DIR", help=_HOME_HELP)
-    serve.add_argument("--dataset", metavar="DIR",
-                       help="dataset the scheduled retrain reads (without it the retrain schedule is registered paused)")
+    serve.add_argument(
+        "--dataset",
+        metavar="DIR",
+        help="dataset the scheduled retrain reads (without it the retrain schedule is registered paused)",
+    )
     serve.add_argument("--registry", metavar="DIR", help="model registry folder (default: HOME/registry)")
-    serve.add_argument("--runs", metavar="DIR", help="run outputs: RUNS/retrain, RUNS/<dataset name> (default: HOME/runs)")
+    serve.add_argument(
+        "--runs", metavar="DIR", help="run outputs: RUNS/retrain, RUNS/<dataset name> (default: HOME/runs)"
+    )
     serve.add_argument("--cron", default=NIGHTLY, metavar="EXPR",
                        help="retrain schedule, standard 5-field cron (default: '%(default)s', 02:00 every night)")
     serve.add_argument("--timezone", metavar="ZONE", help="IANA time zone of --cron (default: this machine's)")
@@ -63,7 +75,7 @@ def add_deployment_commands(subparsers) -> None:
                        help="runs executed at once; more wait their turn (default: %(default)s)")
     serve.add_argument("--register-only", action="store_true",
                        help="register or update the deployments and exit; their runs wait until `serve` runs again")
-    _add_pipeline_options(serve)
+    add_pipeline_options(serve)
     serve.set_defaults(handler=_serve)
 
     watch = subparsers.add_parser(
@@ -79,27 +91,23 @@ def add_deployment_commands(subparsers) -> None:
                        help=f"marker: wait for a {MARKER} file; quiet: wait until nothing changed for --quiet-seconds "
                             "(default: %(default)s)")
     watch.add_argument("--quiet-seconds", type=float, default=60.0, metavar="S", help="default: %(default)s")
-    watch.add_argument("--interval", type=float, default=5.0, metavar="S", help="seconds between scans (default: %(default)s)")
+    watch.add_argument(
+        "--interval", type=float, default=5.0, metavar="S", help="seconds between scans (default: %(default)s)"
+    )
     watch.add_argument("--state", metavar="FILE", help=f"state file (default: INBOX/{STATE_FILE})")
     watch.add_argument("--once", action="store_true",
                        help="scan once and exit (a folder must be seen unchanged by two scans, e.g. two cron runs)")
     watch.set_defaults(handler=_watch)
 
 
-def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
-    from flows.cli import _add_pipeline_options as add  # one definition of the pipeline options for every command
-
-    add(parser)
-
-
 def _home(args: argparse.Namespace) -> str:
-    from deployments.definitions import default_home
+    from transfer_flow.deployments.definitions import default_home
 
     return str(Path(args.home).expanduser().resolve()) if args.home else str(default_home())
 
 
 def _server(args: argparse.Namespace) -> int:
-    from deployments.server import run_server
+    from transfer_flow.deployments.server import run_server
 
     return run_server(Path(_home(args)), host=args.host, port=args.port)
 
@@ -107,7 +115,7 @@ def _server(args: argparse.Namespace) -> int:
 def _check_server() -> str:
     import httpx
 
-    from deployments.events import require_api_url
+    from transfer_flow.flows.prefect_api import require_api_url
 
     url = require_api_url().rstrip("/")
     try:
@@ -121,7 +129,7 @@ def _check_server() -> str:
 def serve_options(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from deployments.definitions import ServeOptions
+    from transfer_flow.deployments.definitions import ServeOptions
 
     if args.dataset and not Path(args.dataset).expanduser().is_dir():
         raise SettingsError(f"--dataset {args.dataset} does not exist or is not a folder")
@@ -145,7 +153,7 @@ def serve_options(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from deployments.definitions import build_deployments
+    from transfer_flow.deployments.definitions import build_deployments
 
     if args.limit < 1:
         raise SettingsError(f"Expected --limit of at least 1, got {args.limit}")
@@ -183,8 +191,8 @@ def describe(deployment) -> str:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from deployments.events import require_api_url
-    from deployments.watch import InboxWatcher
+    from transfer_flow.flows.prefect_api import require_api_url
+    from transfer_flow.tasks.inbox import InboxWatcher
 
     if args.interval <= 0:
         raise SettingsError(f"Expected --interval above 0, got {args.interval}")
@@ -195,8 +203,10 @@ def _watch(args: argparse.Namespace) -> int:
         watcher.scan()
         return 0
     rule = "a _READY file" if args.ready == "marker" else f"{args.quiet_seconds:g} s without changes"
-    print(f"watching {watcher.inbox} every {args.interval:g} s (ready: {rule}; state: {watcher.log.path}); Ctrl-C stops",
-          flush=True)
+    print(
+        f"watching {watcher.inbox} every {args.interval:g} s (ready: {rule}; state: {watcher.log.path}); Ctrl-C stops",
+        flush=True,
+    )
     try:
         watcher.run(interval=args.interval)
     except KeyboardInterrupt:
@@ -215,10 +225,10 @@ def _show_watch_log() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m deployments.commands server|serve|watch ...`, for use before flows/cli.py wires these in."""
+    """`python -m transfer_flow.deployments.commands server|serve|watch ...`: these commands alone."""
     import os
 
-    from storage.errors import TransferFlowError
+    from transfer_flow.storage.errors import TransferFlowError
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as flows/cli.py does; served runs inherit it
     parser = argparse.ArgumentParser(prog="transfer-flow")

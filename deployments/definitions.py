@@ -3,7 +3,7 @@
 | deployment                     | runs                          | when                                               |
 |--------------------------------|-------------------------------|----------------------------------------------------|
 | `train-and-promote/retrain`    | pipeline + champion/challenger | cron (nightly, 02:00 local time, by default)       |
-| `train-and-promote/on-dataset` | pipeline + champion/challenger | event `transfer-flow.dataset.arrived` (path from it) |
+| `train-and-promote/on-dataset` | pipeline + champion/challenger | event `transfer-flow.dataset.arrived`          |
 | `transfer-learning/on-demand`  | the plain pipeline            | from the UI's run form (typed, with descriptions)   |
 | `scan-inbox/poll-inbox`        | one scan of the inbox         | every N seconds, only with an inbox configured      |
 
@@ -19,10 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from deployments.events import DATASET_ARRIVED, RESOURCE_PREFIX
-from deployments.watch import Readiness
-from storage.errors import SettingsError
-from storage.registry import Metric
+from transfer_flow.storage.errors import SettingsError
+from transfer_flow.storage.registry import Metric
+from transfer_flow.tasks.inbox import DATASET_ARRIVED, RESOURCE_PREFIX, Readiness
 
 NIGHTLY = "0 2 * * *"
 TAGS = ["transfer-flow"]
@@ -34,7 +33,9 @@ UNATTENDED = {"wait": True}
 
 
 def default_home() -> Path:
-    """Where transfer-flow keeps its server database, registry and run folders: $TRANSFER_FLOW_HOME or ~/.transfer-flow."""
+    """Where transfer-flow keeps its server database, registry and run folders.
+
+    $TRANSFER_FLOW_HOME, else ~/.transfer-flow."""
     return Path(os.environ.get("TRANSFER_FLOW_HOME") or Path.home() / ".transfer-flow").expanduser().resolve()
 
 
@@ -54,12 +55,16 @@ class ServeOptions(BaseModel):
     home: str = Field(default_factory=lambda: str(default_home()))
     registry: str | None = Field(default=None, description="Model registry folder (default HOME/registry).")
     runs: str | None = Field(default=None, description="Folder of run outputs (default HOME/runs).")
-    dataset: str | None = Field(default=None, description="Dataset the scheduled retrain reads; without it the schedule is registered paused.")
+    dataset: str | None = Field(
+        default=None, description="Dataset the scheduled retrain reads; without it the schedule is registered paused."
+    )
     cron: str = NIGHTLY
     timezone: str = Field(default_factory=local_timezone)
     metric: Metric = "macro_f1"
     margin: float = Field(default=0.0, ge=0.0, le=1.0)
-    pipeline: dict[str, Any] = Field(default_factory=dict, description="PipelineSettings defaults (backbone, weights...).")
+    pipeline: dict[str, Any] = Field(
+        default_factory=dict, description="PipelineSettings defaults (backbone, weights...)."
+    )
     inbox: str | None = Field(default=None, description="Inbox folder scanned by the poll-inbox deployment.")
     poll_seconds: float = Field(default=60.0, gt=0)
     ready: Readiness = "marker"
@@ -93,7 +98,9 @@ class ServeOptions(BaseModel):
     def _known_pipeline_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(value) - set(PIPELINE_DEFAULT_KEYS))
         if unknown:
-            raise ValueError(f"Expected pipeline defaults among {', '.join(PIPELINE_DEFAULT_KEYS)}, got {', '.join(unknown)}")
+            raise ValueError(
+                f"Expected pipeline defaults among {', '.join(PIPELINE_DEFAULT_KEYS)}, got {', '.join(unknown)}"
+            )
         return value
 
     @property
@@ -109,7 +116,7 @@ class ServeOptions(BaseModel):
 
     def pipeline_defaults(self) -> dict[str, Any]:
         """The typed pipeline defaults, checked against PipelineSettings now rather than at 2 a.m."""
-        from flows.settings import PipelineSettings
+        from transfer_flow.flows.settings import PipelineSettings
 
         checked = PipelineSettings.model_validate({"dataset": ".", "output": ".", **self.pipeline})
         return checked.model_dump(include=set(PIPELINE_DEFAULT_KEYS))
@@ -120,7 +127,7 @@ def retrain_deployment(options: ServeOptions):
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    from flows.retrain import train_and_promote
+    from transfer_flow.flows.retrain import train_and_promote
 
     settings: dict[str, Any] = {**options.pipeline_defaults(), **UNATTENDED,
                                 "output": str(Path(options.runs_dir) / "retrain")}
@@ -151,7 +158,7 @@ def on_dataset_deployment(options: ServeOptions):
     from prefect.deployments.runner import EntrypointType
     from prefect.events import DeploymentEventTrigger
 
-    from flows.retrain import train_and_promote
+    from transfer_flow.flows.retrain import train_and_promote
 
     trigger = DeploymentEventTrigger(
         name="on-dataset: dataset arrived",
@@ -163,10 +170,14 @@ def on_dataset_deployment(options: ServeOptions):
     return train_and_promote.to_deployment(
         name="on-dataset",
         triggers=[trigger],
-        parameters={"settings": {**options.pipeline_defaults(), **UNATTENDED}, "registry": options.registry_parameters()},
+        parameters={
+            "settings": {**options.pipeline_defaults(), **UNATTENDED},
+            "registry": options.registry_parameters(),
+        },
         description=f"Triggered by {DATASET_ARRIVED} (sent by `transfer-flow watch`, the poll-inbox deployment or "
-                    f"any script); outputs in {options.runs_dir}/<dataset name>.",
-        tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH,
+        f"any script); outputs in {options.runs_dir}/<dataset name>.",
+        tags=TAGS,
+        entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
 
@@ -174,7 +185,7 @@ def on_demand_deployment(options: ServeOptions):
     """The plain pipeline, run from the UI: the form is built from PipelineSettings (descriptions, enums, defaults)."""
     from prefect.deployments.runner import EntrypointType
 
-    from flows.pipeline import transfer_learning
+    from transfer_flow.flows.pipeline import transfer_learning
 
     return transfer_learning.to_deployment(
         name="on-demand",
@@ -190,7 +201,7 @@ def poll_inbox_deployment(options: ServeOptions):
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Interval
 
-    from flows.inbox import scan_inbox
+    from transfer_flow.flows.inbox import scan_inbox
 
     if options.inbox is None:
         raise SettingsError("The poll-inbox deployment needs an inbox folder (--inbox DIR)")
@@ -198,8 +209,10 @@ def poll_inbox_deployment(options: ServeOptions):
         name="poll-inbox",
         schedules=[Interval(dt.timedelta(seconds=options.poll_seconds))],
         parameters={"inbox": options.inbox, "ready": options.ready, "quiet_seconds": options.quiet_seconds},
-        description=f"Announce datasets that arrived in {options.inbox} (the on-dataset deployment then trains on them).",
-        tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH,
+        description=f"Announce datasets that arrived in {options.inbox} "
+        "(the on-dataset deployment then trains on them).",
+        tags=TAGS,
+        entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
 

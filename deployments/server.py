@@ -6,7 +6,6 @@ the `PREFECT_API_URL` other terminals must export. Ctrl-C stops it.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import socket
@@ -16,36 +15,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from storage.errors import SettingsError
+from transfer_flow.flows.prefect_api import DEFAULT_HOST, DEFAULT_PORT, api_url, is_loopback
+from transfer_flow.storage.errors import SettingsError
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 4200
 STARTUP_SECONDS = 120
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def api_url(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return f"http://{shown}:{port}/api"
 
 
 def check_port_free(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: old TIME_WAIT sockets are no obstacle
+        probe.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as uvicorn does: old TIME_WAIT sockets are no obstacle
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise SettingsError(f"Cannot listen on {host}:{port} ({error.strerror}): is a server already running "
-                                f"there? Use it (export PREFECT_API_URL={api_url(host, port)}) or pick --port") from None
+            raise SettingsError(
+                f"Cannot listen on {host}:{port} ({error.strerror}): is a server already running "
+                f"there? Use it (export PREFECT_API_URL={api_url(host, port)}) or pick --port"
+            ) from None
 
 
 def server_command(host: str, port: int) -> list[str]:
@@ -74,21 +62,6 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = STA
             pass
         time.sleep(0.5)
     raise SettingsError(f"The Prefect server did not answer at {url} within {timeout:.0f} s")
-
-
-def running_local_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str | None:
-    """The API URL of a server answering at the default `transfer-flow server` address, else None.
-
-    Lets a plain `transfer-flow run` use a server that is already up (its runs then show in the UI)
-    instead of paying ~6 s for a temporary one; a refused connection answers at once.
-    """
-    import httpx
-
-    url = api_url(host, port)
-    try:
-        return url if httpx.get(f"{url}/health", timeout=0.5).status_code == 200 else None
-    except httpx.HTTPError:
-        return None
 
 
 def run_server(home: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,

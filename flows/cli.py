@@ -6,59 +6,15 @@ import contextlib
 import logging
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from storage.errors import TransferFlowError
+from transfer_flow.flows.options import add_pipeline_options
+from transfer_flow.storage.errors import TransferFlowError
 
 EXIT_USER_ERROR = 2
-
-
-def _add_pipeline_options(parser: argparse.ArgumentParser, *, head: bool = True) -> None:
-    from flows.settings import PipelineSettings
-    from tasks.backbones import BACKBONES
-
-    fields = PipelineSettings.model_fields
-    parser.add_argument("--backbone", choices=sorted(BACKBONES), default=fields["backbone"].default,
-                        help="pretrained CNN (default: %(default)s; see `transfer-flow backbones`)")
-    parser.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
-                        help="imagenet: Keras cache, then an installed offline package, then download; "
-                             "none: random init; PATH: a .weights.h5/.h5 file (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, metavar="N", help="square input side (default: the backbone's native size)")
-    parser.add_argument("--pooling", choices=["flatten", "avg", "max"], default=fields["pooling"].default,
-                        help="flatten is the classic recipe (VGG16 at 224: 25,088-d); default: %(default)s")
-    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
-                        help="compute precision (default: the backbone's fastest measured; see BENCHMARKS.md)")
-    if head:
-        parser.add_argument("--head", choices=["logreg", "linear-svm", "sgd", "dense", "gap"],
-                            default=fields["head"].default,
-                            help="classifier: logreg or linear-svm (grid over C, cross-validated), sgd (out of core: "
-                                 "reads the store in blocks), dense (Keras Dense 256 + Dropout 0.5, early stopping), "
-                                 "gap (global average pooling inside a Keras head; needs --pooling flatten) "
-                                 "(default: %(default)s)")
-    parser.add_argument("--store", choices=["hdf5", "zarr"], default=fields["store"].default,
-                        help="feature store: hdf5 (DIR/features.h5, the classic layout) or zarr (DIR/features.zarr) "
-                             "(default: %(default)s)")
-    parser.add_argument("--feature-dtype", choices=["float32", "float16"], default=fields["feature_dtype"].default,
-                        help="stored feature precision; float16 halves the bytes (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=fields["batch_size"].default, metavar="N",
-                        help="images per inference call (default: %(default)s)")
-    parser.add_argument("--test-size", type=float, default=fields["test_size"].default, metavar="F",
-                        help="fraction of each class held out (default: %(default)s; train/ and test/ folders win)")
-    parser.add_argument("--seed", type=int, default=fields["seed"].default, metavar="N",
-                        help="seed of shuffle, split and cross-validation (default: %(default)s)")
-    parser.add_argument("--refresh", action="append", default=[], metavar="STAGE",
-                        choices=["hash", "extract", "train", "report", "all"],
-                        help="recompute STAGE (hash, extract, train, report or all) even if its cache is valid; repeatable")
-    parser.add_argument("--workers", type=int, default=0, metavar="N",
-                        help="extract on a local Dask cluster of N worker processes (default: in this process, "
-                             "the fastest on one small machine)")
-    parser.add_argument("--dask-address", metavar="tcp://HOST:PORT",
-                        help="extract on an existing Dask cluster (dask-jobqueue, Kubernetes, dask-cuda); workers "
-                             "need transfer-flow installed and the same paths")
-    parser.add_argument("--wait", action="store_true",
-                        help="if another run is writing to the same output, wait for it instead of failing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,22 +26,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the pipeline on a dataset folder",
-                              description="List DATASET (one sub-folder per class; train/ and test/ honoured), "
-                                          "extract features, train a head (--head; default logistic regression with a grid over C), "
-                                          "write a report.")
+    run = commands.add_parser(
+        "run",
+        help="run the pipeline on a dataset folder",
+        description="List DATASET (one sub-folder per class; train/ and test/ honoured), "
+        "extract features, train a head (--head; default logistic regression with a grid over C), "
+        "write a report.",
+    )
     run.add_argument("dataset", metavar="DATASET", help="folder with one sub-folder per class")
     run.add_argument("--output", "-o", required=True, metavar="DIR",
                      help="folder for features.h5, manifest.json, model/, report/ and run.json")
-    _add_pipeline_options(run)
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace outputs in DIR that are not from an earlier run on DATASET (those are updated anyway)")
+    add_pipeline_options(run)
+    run.set_defaults(handler=_run)
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs in DIR that are not from an earlier run on DATASET (those are updated anyway)",
+    )
 
-    demo = commands.add_parser("demo", help="run the pipeline offline on the embedded digits dataset",
-                               description="Write scikit-learn's 1,797 handwritten digits as PNG class folders under "
-                                           "DIR/dataset, then run the pipeline into DIR/run (a second demo reuses the first's work).")
+    demo = commands.add_parser(
+        "demo",
+        help="run the pipeline offline on the embedded digits dataset",
+        description="Write scikit-learn's 1,797 handwritten digits as PNG class folders under "
+        "DIR/dataset, then run the pipeline into DIR/run (a second demo reuses the first's work).",
+    )
     demo.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="default: %(default)s")
-    _add_pipeline_options(demo)
+    add_pipeline_options(demo)
+    demo.set_defaults(handler=_demo)
 
     compare = commands.add_parser(
         "compare", help="train several heads on one feature store and tabulate them",
@@ -93,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "--heads on them (DIR/heads/HEAD/model and report), and write DIR/comparison.csv and "
                     "comparison.md: accuracy, macro F1 and training seconds side by side.")
     compare.add_argument("dataset", metavar="DATASET", help="folder with one sub-folder per class")
-    compare.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for the store, heads/ and the table")
+    compare.add_argument(
+        "--output", "-o", required=True, metavar="DIR", help="folder for the store, heads/ and the table"
+    )
     compare.add_argument("--heads", default="logreg,linear-svm,dense", metavar="H1,H2,...",
                          help="comma-separated heads from logreg, linear-svm, sgd, dense, gap (gap needs --pooling "
                               "flatten) (default: %(default)s)")
-    _add_pipeline_options(compare, head=False)
+    add_pipeline_options(compare, head=False)
+    compare.set_defaults(handler=_compare)
     compare.add_argument("--overwrite", action="store_true",
                          help="replace outputs in DIR that are not from an earlier run on DATASET")
 
@@ -110,21 +80,31 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("bundle", metavar="BUNDLE", help="model bundle folder, or a run's output folder")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (recursed)")
     predict.add_argument("--output", "-o", metavar="CSV", help="write the CSV here (default: print it)")
-    predict.add_argument("--top-k", type=int, default=3, metavar="K", help="labels per image, best first (default: %(default)s)")
-    predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per inference call (default: %(default)s)")
+    predict.add_argument(
+        "--top-k", type=int, default=3, metavar="K", help="labels per image, best first (default: %(default)s)"
+    )
+    predict.add_argument(
+        "--batch-size", type=int, default=32, metavar="N", help="images per inference call (default: %(default)s)"
+    )
     predict.add_argument("--overwrite", action="store_true", help="replace an existing --output CSV")
+    predict.set_defaults(handler=_predict)
 
-    commands.add_parser("backbones", help="list backbones and whether pretrained weights are available offline",
-                        description="Every backbone with its native input size, feature dimension per pooling, "
-                                    "default precision and where ImageNet weights would come from right now.")
-    from deployments.commands import add_deployment_commands
-
-    add_deployment_commands(commands)  # server, serve, watch: each sets its own handler
+    backbones = commands.add_parser(
+        "backbones",
+        help="list backbones and whether pretrained weights are available offline",
+        description="Every backbone with its native input size, feature dimension per pooling, "
+        "default precision and where ImageNet weights would come from right now.",
+    )
+    backbones.set_defaults(handler=_backbones)
+    # Other command groups (server, serve, watch) register themselves through the `transfer_flow.commands`
+    # entry point, so the arrows point from each group to this root and never back.
+    for group in entry_points(group="transfer_flow.commands"):
+        group.load()(commands)
     return parser
 
 
 def _settings(args: argparse.Namespace, dataset: str, output: str, overwrite: bool, **extra):
-    from flows.settings import CompareSettings, PipelineSettings
+    from transfer_flow.flows.settings import CompareSettings, PipelineSettings
 
     model = CompareSettings if "heads" in extra else PipelineSettings
     if "heads" not in extra:
@@ -136,8 +116,12 @@ def _settings(args: argparse.Namespace, dataset: str, output: str, overwrite: bo
                             store=args.store, feature_dtype=args.feature_dtype, **extra)
 
 
+def _run(args: argparse.Namespace) -> int:
+    return _run_pipeline(_settings(args, args.dataset, args.output, args.overwrite))
+
+
 def _run_pipeline(settings) -> int:
-    from flows.pipeline import transfer_learning
+    from transfer_flow.flows.pipeline import transfer_learning
 
     summary = transfer_learning(settings)
     print(f"\naccuracy {summary.accuracy:.4f}, macro F1 {summary.macro_f1:.4f} ({summary.images_extracted} images "
@@ -151,7 +135,7 @@ def _run_pipeline(settings) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from storage.demo_dataset import write_digits_dataset
+    from transfer_flow.storage.demo_dataset import write_digits_dataset
 
     root = Path(args.output)
     dataset = write_digits_dataset(root / "dataset")
@@ -160,7 +144,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from flows.compare import compare_heads
+    from transfer_flow.flows.compare import compare_heads
 
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     summary = compare_heads(_settings(args, args.dataset, args.output, args.overwrite, heads=heads))
@@ -171,9 +155,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from flows.predict import batch_prediction
-    from flows.settings import PredictionSettings
-    from storage.predictions import predictions_csv_text
+    from transfer_flow.flows.predict import batch_prediction
+    from transfer_flow.flows.settings import PredictionSettings
+    from transfer_flow.storage.predictions import predictions_csv_text
 
     settings = PredictionSettings(bundle=args.bundle, paths=args.paths, output=args.output, top_k=args.top_k,
                                   batch_size=args.batch_size, overwrite=args.overwrite)
@@ -185,8 +169,8 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backbones() -> int:
-    from tasks.backbones import BACKBONES, weights_available_offline
+def _backbones(args: argparse.Namespace) -> int:
+    from transfer_flow.tasks.backbones import BACKBONES, weights_available_offline
 
     header = f"{'backbone':<18}{'input':>6}{'flatten':>10}{'avg/max':>9}  {'precision':<10}offline ImageNet weights"
     print(header)
@@ -216,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
     try:
         with _prefect_api(args.command):
-            return _dispatch(args)
+            return args.handler(args)
     except (TransferFlowError, ValidationError) as error:
         if args.debug:
             raise
@@ -240,7 +224,7 @@ def _prefect_api(command: str):
     if command not in FLOW_COMMANDS or PREFECT_API_URL.value():
         yield
         return
-    from deployments.server import running_local_server
+    from transfer_flow.flows.prefect_api import running_local_server
 
     url = running_local_server()
     if url is None:
@@ -249,20 +233,6 @@ def _prefect_api(command: str):
     print(f"transfer-flow: using the Prefect server at {url} (set PREFECT_API_URL to choose another)", file=sys.stderr)
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield
-
-
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "run":
-        return _run_pipeline(_settings(args, args.dataset, args.output, args.overwrite))
-    if args.command == "demo":
-        return _demo(args)
-    if args.command == "compare":
-        return _compare(args)
-    if args.command == "predict":
-        return _predict(args)
-    if args.command == "backbones":
-        return _backbones()
-    return args.handler(args)
 
 
 def _validation_message(error: ValidationError) -> str:

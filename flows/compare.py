@@ -7,11 +7,11 @@ import time
 from prefect import flow
 from pydantic import BaseModel
 
-from flows.pipeline import extracted_features, run_summary_of
-from flows.settings import CompareSettings
-from storage.comparison import HeadScore
-from storage.output_layout import OutputLayout
-from tasks import stages
+from transfer_flow.flows.pipeline import extracted_features, run_summary_of
+from transfer_flow.flows.settings import CompareSettings
+from transfer_flow.storage.comparison import HeadScore
+from transfer_flow.storage.output_layout import OutputLayout
+from transfer_flow.tasks import stages
 
 
 class ComparisonSummary(BaseModel):

@@ -5,8 +5,8 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from pydantic import Field
 
-from deployments.watch import MARKER, InboxWatcher, Readiness
-from storage.announcements import Announcement
+from transfer_flow.storage.announcements import Announcement
+from transfer_flow.tasks.inbox import MARKER, InboxWatcher, Readiness
 
 
 @task(name="announce ready datasets", cache_policy=NONE)
@@ -17,9 +17,16 @@ def announced_datasets(watcher: InboxWatcher) -> list[Announcement]:
 @flow(name="scan-inbox", log_prints=True)
 def scan_inbox(
     inbox: str = Field(description="Folder whose sub-folders are datasets."),
-    ready: Readiness = Field(default="marker", description="marker: a dataset is ready when its _READY file exists; quiet: when nothing in it changed for quiet_seconds."),
+    ready: Readiness = Field(
+        default="marker",
+        description="marker: a dataset is ready when its _READY file exists; "
+        "quiet: when nothing in it changed for quiet_seconds.",
+    ),
     quiet_seconds: float = Field(default=60.0, ge=0, description="Quiet period of the 'quiet' readiness rule."),
-    state_file: str | None = Field(default=None, description="What was announced; empty: INBOX/.transfer-flow-inbox.json (shared with `transfer-flow watch`)."),
+    state_file: str | None = Field(
+        default=None,
+        description="What was announced; empty: INBOX/.transfer-flow-inbox.json (shared with `transfer-flow watch`).",
+    ),
 ) -> list[Announcement]:
     """Announce every dataset folder of the inbox that became ready since the last scan (one event each)."""
     watcher = InboxWatcher(inbox, ready=ready, marker=MARKER, quiet_seconds=quiet_seconds, state_file=state_file)

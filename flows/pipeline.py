@@ -8,15 +8,15 @@ from prefect import flow, unmapped
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel
 
-from flows.settings import PipelineSettings
-from storage.manifest import Manifest
-from storage.output_layout import OutputLayout
-from storage.run_summary import RunSummary, SkippedImageRecord, StageCached, StageSeconds
-from tasks import stages
-from tasks.evaluation import Evaluation
-from tasks.extraction import ExtractionResult
-from tasks.hashing import HashingStats
-from tasks.training import TrainingResult
+from transfer_flow.flows.settings import PipelineSettings
+from transfer_flow.storage.manifest import Manifest
+from transfer_flow.storage.output_layout import OutputLayout
+from transfer_flow.storage.run_summary import RunSummary, SkippedImageRecord, StageCached, StageSeconds
+from transfer_flow.tasks import stages
+from transfer_flow.tasks.evaluation import Evaluation
+from transfer_flow.tasks.extraction import ExtractionResult
+from transfer_flow.tasks.hashing import HashingStats
+from transfer_flow.tasks.training import TrainingResult
 
 
 def dask_task_runner(settings: PipelineSettings) -> DaskTaskRunner:

@@ -4,9 +4,9 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from flows.settings import PredictionSettings
-from tasks import stages
-from tasks.prediction import PredictionRow
+from transfer_flow.flows.settings import PredictionSettings
+from transfer_flow.tasks import stages
+from transfer_flow.tasks.prediction import PredictionRow
 
 
 class PredictionSummary(BaseModel):

@@ -1,23 +1,31 @@
 """Retrain and promote, wiring only: the pipeline as a subflow → register the bundle → champion/challenger decision."""
 from __future__ import annotations
 
+from prefect import flow
 from pydantic import BaseModel, Field
 
-from prefect import flow
-
-from flows.pipeline import transfer_learning
-from flows.settings import PipelineSettings
-from storage.registry import Decision, Metric, PromotionPolicy, VersionEntry
-from storage.run_summary import RunSummary
-from tasks import promotion
+from transfer_flow.flows.pipeline import transfer_learning
+from transfer_flow.flows.settings import PipelineSettings
+from transfer_flow.storage.registry import Decision, Metric, PromotionPolicy, VersionEntry
+from transfer_flow.storage.run_summary import RunSummary
+from transfer_flow.tasks import promotion
 
 
 class RegistrySettings(BaseModel):
     """Where trained models are kept, and when a new one replaces the champion."""
 
-    registry: str = Field(description="Model registry folder: numbered versions and the champion pointer (created if missing).")
-    metric: Metric = Field(default="macro_f1", description="Score compared: accuracy, or macro F1 (each class counts the same).")
-    margin: float = Field(default=0.0, ge=0.0, le=1.0, description="Promote when challenger ≥ champion + margin (0: ties promote the newer model).")
+    registry: str = Field(
+        description="Model registry folder: numbered versions and the champion pointer (created if missing)."
+    )
+    metric: Metric = Field(
+        default="macro_f1", description="Score compared: accuracy, or macro F1 (each class counts the same)."
+    )
+    margin: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Promote when challenger ≥ champion + margin (0: ties promote the newer model).",
+    )
 
     def policy(self) -> PromotionPolicy:
         return PromotionPolicy(metric=self.metric, margin=self.margin)

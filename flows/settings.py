@@ -1,15 +1,14 @@
 """The pipeline's parameters: one typed model, so the CLI, Python callers and the Prefect UI form agree."""
 from __future__ import annotations
 
-from typing import Literal
-
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from tasks.backbones import BACKBONES, DEFAULT_BACKBONE, Pooling, Precision
-from tasks.extraction import ExtractionSettings
-from tasks.training import HeadName, TrainingSettings
+from transfer_flow.tasks.backbones import BACKBONES, DEFAULT_BACKBONE, Pooling, Precision
+from transfer_flow.tasks.extraction import ExtractionSettings
+from transfer_flow.tasks.training import HeadName, TrainingSettings
 
 BackboneName = Literal[tuple(BACKBONES)]  # an enum in the UI form
 RefreshStage = Literal["hash", "extract", "train", "report", "all"]
@@ -20,23 +19,66 @@ class PipelineSettings(BaseModel):
 
     dataset: str = Field(description="Folder with one sub-folder per class (train/ and test/ honoured when present).")
     output: str = Field(description="Folder for features.h5, model/, report/ and run.json.")
-    backbone: BackboneName = Field(default=DEFAULT_BACKBONE, description="Pretrained CNN used as a fixed feature extractor.")
-    weights: str = Field(default="imagenet", description="imagenet (offline sources first), none (random init), or a path to a .h5 weights file.")
-    image_size: int | None = Field(default=None, ge=16, description="Square input side in pixels; empty: the backbone's native size.")
-    pooling: Pooling = Field(default="avg", description="flatten (the classic recipe), avg or max over the last feature map.")
-    precision: Precision | None = Field(default=None, description="Compute precision; empty: the backbone's fastest measured default.")
+    backbone: BackboneName = Field(
+        default=DEFAULT_BACKBONE, description="Pretrained CNN used as a fixed feature extractor."
+    )
+    weights: str = Field(
+        default="imagenet",
+        description="imagenet (offline sources first), none (random init), or a path to a .h5 weights file.",
+    )
+    image_size: int | None = Field(
+        default=None, ge=16, description="Square input side in pixels; empty: the backbone's native size."
+    )
+    pooling: Pooling = Field(
+        default="avg", description="flatten (the classic recipe), avg or max over the last feature map."
+    )
+    precision: Precision | None = Field(
+        default=None, description="Compute precision; empty: the backbone's fastest measured default."
+    )
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
-    head: HeadName = Field(default="logreg", description="Classifier on the features: logreg, linear-svm (grids over C), sgd (out of core), dense (Keras MLP), gap (Keras GAP head; needs pooling flatten).")
-    store: Literal["hdf5", "zarr"] = Field(default="hdf5", description="Feature store format: HDF5 (classic layout, one file) or zarr (a folder; parallel writes, dask/xarray).")
-    feature_dtype: Literal["float32", "float16"] = Field(default="float32", description="How features are stored; float16 halves the bytes.")
-    test_size: float = Field(default=0.25, gt=0, lt=1, description="Fraction of each class held out for evaluation (ignored with train/ and test/ folders).")
+    head: HeadName = Field(
+        default="logreg",
+        description="Classifier on the features: logreg, linear-svm (grids over C), sgd (out of core), "
+        "dense (Keras MLP), gap (Keras GAP head; needs pooling flatten).",
+    )
+    store: Literal["hdf5", "zarr"] = Field(
+        default="hdf5",
+        description="Feature store format: HDF5 (classic layout, one file) "
+        "or zarr (a folder; parallel writes, dask/xarray).",
+    )
+    feature_dtype: Literal["float32", "float16"] = Field(
+        default="float32", description="How features are stored; float16 halves the bytes."
+    )
+    test_size: float = Field(
+        default=0.25,
+        gt=0,
+        lt=1,
+        description="Fraction of each class held out for evaluation (ignored with train/ and test/ folders).",
+    )
     seed: int = Field(default=42, description="Seed of the shuffle, the split and cross-validation.")
-    overwrite: bool = Field(default=False, description="Replace outputs in the folder that are not an earlier run on this dataset.")
-    refresh: list[RefreshStage] = Field(default_factory=list, description="Stages to recompute even when their cache is valid.")
-    wait: bool = Field(default=False, description="If another run is writing to the output folder, wait for it instead of failing.")
-    workers: int = Field(default=0, ge=0, description="Extract on a local Dask cluster of this many worker processes; 0: in the flow's process (fastest on one small machine).")
-    dask_address: str | None = Field(default=None, description="Extract on an existing Dask cluster (tcp://host:8786); workers need transfer-flow installed and the dataset and output paths visible.")
-    shard_images: int = Field(default=512, ge=1, description="Images per shard: the unit of Dask work and of resumption after a crash.")
+    overwrite: bool = Field(
+        default=False, description="Replace outputs in the folder that are not an earlier run on this dataset."
+    )
+    refresh: list[RefreshStage] = Field(
+        default_factory=list, description="Stages to recompute even when their cache is valid."
+    )
+    wait: bool = Field(
+        default=False, description="If another run is writing to the output folder, wait for it instead of failing."
+    )
+    workers: int = Field(
+        default=0,
+        ge=0,
+        description="Extract on a local Dask cluster of this many worker processes; "
+        "0: in the flow's process (fastest on one small machine).",
+    )
+    dask_address: str | None = Field(
+        default=None,
+        description="Extract on an existing Dask cluster (tcp://host:8786); workers need transfer-flow "
+        "installed and the dataset and output paths visible.",
+    )
+    shard_images: int = Field(
+        default=512, ge=1, description="Images per shard: the unit of Dask work and of resumption after a crash."
+    )
 
     def distributed(self) -> bool:
         return self.workers > 0 or self.dask_address is not None
@@ -89,7 +131,9 @@ class PredictionSettings(BaseModel):
 
     bundle: str = Field(description="A model bundle folder (DIR/model of a run), or the run's output folder.")
     paths: list[str] = Field(min_length=1, description="Image files and folders (recursed) to label.")
-    output: str | None = Field(default=None, description="CSV to write; empty: the rows are only returned (the CLI prints them).")
+    output: str | None = Field(
+        default=None, description="CSV to write; empty: the rows are only returned (the CLI prints them)."
+    )
     top_k: int = Field(default=3, ge=1, description="Labels per image, best first: label, label_2 … label_K.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
     overwrite: bool = Field(default=False, description="Replace an existing output CSV.")

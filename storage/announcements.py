@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from storage.atomic import write_text
+from transfer_flow.storage.atomic import write_text
 
 
 class Sighting(BaseModel):
@@ -37,7 +37,9 @@ class Announcement(BaseModel):
 
 
 class InboxState(BaseModel):
-    announced: dict[str, Announcement] = Field(default_factory=dict, description="Latest announcement per dataset path.")
+    announced: dict[str, Announcement] = Field(
+        default_factory=dict, description="Latest announcement per dataset path."
+    )
     seen: dict[str, Sighting] = Field(default_factory=dict)
 
 

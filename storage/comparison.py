@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from storage.atomic import write_text
+from transfer_flow.storage.atomic import write_text
 
 COLUMNS = ["head", "accuracy", "macro_f1", "train_seconds", "best_params", "training_score", "bundle", "report"]
 

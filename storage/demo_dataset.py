@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from storage.atomic import atomic_path
+from transfer_flow.storage.atomic import atomic_path
 
 DIGITS_SIDE = 64  # the 8×8 originals upscaled (nearest) so that CNN inputs are not mostly interpolation
 
@@ -27,5 +27,7 @@ def write_digits_dataset(target: Path) -> Path:
             folder = tmp / str(label)
             folder.mkdir(parents=True, exist_ok=True)
             pixels = (image * (255 / 16)).clip(0, 255).astype(np.uint8)
-            Image.fromarray(pixels, mode="L").resize((DIGITS_SIDE, DIGITS_SIDE), Image.NEAREST).save(folder / f"digit_{i:04d}.png")
+            Image.fromarray(pixels, mode="L").resize((DIGITS_SIDE, DIGITS_SIDE), Image.NEAREST).save(
+                folder / f"digit_{i:04d}.png"
+            )
     return target

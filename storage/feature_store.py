@@ -42,8 +42,8 @@ import h5py
 import numpy as np
 from pydantic import BaseModel, Field
 
-from storage.atomic import atomic_path, rename_into_place, temp_dir_beside
-from storage.errors import OutputExistsError, StoreError
+from transfer_flow.storage.atomic import atomic_path, rename_into_place, temp_dir_beside
+from transfer_flow.storage.errors import OutputExistsError, StoreError
 
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB row chunks: h5py's advice for chunk size, whatever the feature width
 FEATURE_DTYPES = ("float32", "float16")  # float16 halves the bytes; reads come back as float32 either way

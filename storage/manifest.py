@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from storage.atomic import write_text
+from transfer_flow.storage.atomic import write_text
 
 Split = Literal["train", "test", "val"]
 
@@ -20,8 +20,12 @@ class ImageRecord(BaseModel):
     size: int = Field(description="File size in bytes.")
     mtime_ns: int = Field(description="Modification time in nanoseconds.")
     ctime_ns: int = Field(default=0, description="Inode change time: moves on any write, even when mtime is set back.")
-    content_hash: str = Field(default="", description="BLAKE2b of the file's bytes (hex, 128 bits); empty until hashed.")
-    split: Split | None = Field(default=None, description="Split given by the folder layout, or assigned by the split task.")
+    content_hash: str = Field(
+        default="", description="BLAKE2b of the file's bytes (hex, 128 bits); empty until hashed."
+    )
+    split: Split | None = Field(
+        default=None, description="Split given by the folder layout, or assigned by the split task."
+    )
 
 
 class Manifest(BaseModel):

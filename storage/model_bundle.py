@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-
 from pydantic import BaseModel, Field
 
-from storage.atomic import atomic_path
-from storage.errors import BundleError, OutputExistsError
+from transfer_flow.storage.atomic import atomic_path
+from transfer_flow.storage.errors import BundleError, OutputExistsError
 
 HEAD_FILE = "head.skops"
 KERAS_HEAD_FILE = "head.keras"

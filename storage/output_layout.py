@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from storage.errors import OutputExistsError, OutputLockedError
+from transfer_flow.storage.errors import OutputExistsError, OutputLockedError
 
 LOCK_FILE = ".transfer-flow.lock"
 

@@ -6,8 +6,8 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from storage.atomic import atomic_path
-from storage.errors import OutputExistsError
+from transfer_flow.storage.atomic import atomic_path
+from transfer_flow.storage.errors import OutputExistsError
 
 
 def prediction_columns(top_k: int) -> list[str]:

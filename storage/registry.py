@@ -35,9 +35,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from storage.atomic import write_json, write_text
-from storage.errors import BundleError
-from storage.model_bundle import ModelBundle, load_bundle, load_head
+from transfer_flow.storage.atomic import write_json, write_text
+from transfer_flow.storage.errors import BundleError
+from transfer_flow.storage.model_bundle import ModelBundle, load_bundle, load_head
 
 Metric = Literal["accuracy", "macro_f1"]
 Basis = Literal["first-model", "same-test-rows", "recorded-metrics", "same-model"]
@@ -52,8 +52,16 @@ _TOLERANCE = 1e-9  # scores are fractions of a test set: this only absorbs float
 class PromotionPolicy(BaseModel):
     """When a challenger replaces the champion."""
 
-    metric: Metric = Field(default="macro_f1", description="Score compared: accuracy, or macro F1 (each class counts the same, whatever its size).")
-    margin: float = Field(default=0.0, ge=0.0, le=1.0, description="The challenger is promoted when its score is at least the champion's plus this margin.")
+    metric: Metric = Field(
+        default="macro_f1",
+        description="Score compared: accuracy, or macro F1 (each class counts the same, whatever its size).",
+    )
+    margin: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="The challenger is promoted when its score is at least the champion's plus this margin.",
+    )
 
 
 class VersionEntry(BaseModel):
@@ -93,8 +101,10 @@ class Decision(BaseModel):
     margin: float
     challenger_score: float
     champion_score: float | None
-    basis: Basis = Field(description="first-model | same-test-rows (both heads scored on the same held-out rows) | "
-                                     "recorded-metrics (each scored on its own test split) | same-model (identical bundle)")
+    basis: Basis = Field(
+        description="first-model | same-test-rows (both heads scored on the same held-out rows) | "
+        "recorded-metrics (each scored on its own test split) | same-model (identical bundle)"
+    )
     n_rows: int | None = Field(default=None, description="Held-out rows both were scored on (same-test-rows only).")
     note: str = ""
     promoted: bool

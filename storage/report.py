@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
-from storage.atomic import atomic_path  # noqa: E402
+from transfer_flow.storage.atomic import atomic_path  # noqa: E402
 
 HTML_FILE = "report.html"
 
@@ -95,16 +95,20 @@ def _data_uri(png: bytes) -> str:
 
 
 _STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:1100px;color:#222;
+padding:0 1rem}
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-.cards{display:flex;gap:1rem;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:8px;padding:.7rem 1rem;min-width:8rem}
+.cards{display:flex;gap:1rem;flex-wrap:wrap}
+.card{border:1px solid #ddd;border-radius:8px;padding:.7rem 1rem;min-width:8rem}
 .card b{display:block;font-size:1.6rem}.card span{color:#666;font-size:.85rem}
 table{border-collapse:collapse;font-size:.9rem}th,td{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}
 th:first-child,td:first-child{text-align:left}tr:nth-child(even){background:#f7f7f7}
 .low{background:#fde2e2}.settings td{text-align:left}
 .gallery{display:flex;flex-wrap:wrap;gap:.8rem}.gallery figure{margin:0;width:150px;font-size:.78rem}
-.gallery img{width:150px;height:150px;image-rendering:pixelated;border:1px solid #ccc;object-fit:contain;background:#eee}
-.gallery .missing{width:150px;height:150px;border:1px dashed #ccc;display:flex;align-items:center;justify-content:center;color:#999}
+.gallery img{width:150px;height:150px;image-rendering:pixelated;border:1px solid #ccc;object-fit:contain;
+background:#eee}
+.gallery .missing{width:150px;height:150px;border:1px dashed #ccc;display:flex;align-items:center;
+justify-content:center;color:#999}
 figcaption{overflow-wrap:anywhere}.wrong{color:#b00020}
 """
 

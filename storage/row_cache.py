@@ -3,8 +3,8 @@ incremental and resumable.
 
 Rows come from two places: the previous complete store (when it was made with the same settings)
 and shard files that a run commits as it goes (`<store>.<key>.parts/shard-<content>.h5`, each written
-atomically, by the flow's process or by Dask workers). After `kill -9` the committed shards survive, so the next run extracts only what is
-missing; once a new store is complete the shards are removed.
+atomically, by the flow's process or by Dask workers). After `kill -9` the committed shards survive,
+so the next run extracts only what is missing; once a new store is complete the shards are removed.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from storage.atomic import atomic_path
-from storage.feature_store import FeatureStore, open_store, read_contents, read_features
+from transfer_flow.storage.atomic import atomic_path
+from transfer_flow.storage.feature_store import FeatureStore, open_store, read_contents, read_features
 
 SHARD_PATTERN = "shard-*.h5"
 
@@ -65,7 +65,9 @@ class RowCache:
         target = self.parts_dir / f"shard-{name}.h5"
         with atomic_path(target, overwrite=True) as tmp:
             with h5py.File(tmp, "w") as file:
-                file.create_dataset("features", data=np.asarray(features, dtype=np.float32).reshape(-1, self.feature_dim))
+                file.create_dataset(
+                    "features", data=np.asarray(features, dtype=np.float32).reshape(-1, self.feature_dim)
+                )
                 file.create_dataset("hashes", data=np.array(list(hashes), dtype=object), dtype=h5py.string_dtype())
                 file.attrs["skipped"] = json.dumps(skipped)
         for row, digest in enumerate(hashes):

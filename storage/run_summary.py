@@ -5,7 +5,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from storage.atomic import write_text
+from transfer_flow.storage.atomic import write_text
 
 
 class SkippedImageRecord(BaseModel):
@@ -36,7 +36,9 @@ class RunSummary(BaseModel):
     images_extracted: int = Field(description="Images decoded and run through the backbone by this run.")
     images_reused: int = Field(description="Rows reused from an earlier run with the same extraction settings.")
     images_skipped: list[SkippedImageRecord]
-    images_ignored: int = Field(description="Files under the dataset that are not listed images (hidden, non-image, top-level...).")
+    images_ignored: int = Field(
+        description="Files under the dataset that are not listed images (hidden, non-image, top-level...)."
+    )
     ignored_by_reason: dict[str, int]
     dropped_classes: list[str]
     classes: list[str]

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from storage.errors import StoreError
+from transfer_flow.storage.errors import StoreError
 
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION = 1001

@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from storage.errors import SettingsError, WeightsUnavailableError
-from tasks import efficientnet_lite
+from transfer_flow.storage.errors import SettingsError, WeightsUnavailableError
+from transfer_flow.tasks import efficientnet_lite
 
 Pooling = Literal["flatten", "avg", "max"]
 Precision = Literal["float32", "bfloat16", "float16"]
@@ -150,7 +150,9 @@ class ResolvedWeights(BaseModel):
     """Which weights a backbone gets, and where they came from."""
 
     source: WeightsSource
-    file: str | None = Field(default=None, description="Weights file loaded (for a download: where it lands); None for random init.")
+    file: str | None = Field(
+        default=None, description="Weights file loaded (for a download: where it lands); None for random init."
+    )
 
     def describe(self) -> str:
         return self.source if self.file is None else f"{self.source}: {self.file}"

@@ -33,9 +33,9 @@ from numpy.typing import ArrayLike
 if TYPE_CHECKING:
     import keras
 
-from storage.atomic import atomic_path
-from storage.errors import SettingsError, StoreError, WeightsUnavailableError
-from storage.torch_legacy import load_legacy_state_dict
+from transfer_flow.storage.atomic import atomic_path
+from transfer_flow.storage.errors import SettingsError, StoreError, WeightsUnavailableError
+from transfer_flow.storage.torch_legacy import load_legacy_state_dict
 
 Variant = Literal["lite0", "lite1", "lite2"]
 VARIANTS: tuple[Variant, ...] = ("lite0", "lite1", "lite2")
@@ -172,7 +172,11 @@ def _pooled(features, pooling: str | None):
 
 
 def _build_architecture(
-    variant: Variant, input_shape: tuple[int | None, int | None, int], include_top: bool, pooling: str | None, classes: int
+    variant: Variant,
+    input_shape: tuple[int | None, int | None, int],
+    include_top: bool,
+    pooling: str | None,
+    classes: int,
 ) -> keras.Model:
     import keras
 

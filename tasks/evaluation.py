@@ -9,11 +9,11 @@ import numpy as np
 from pydantic import BaseModel, Field
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from storage.errors import BundleError, DatasetError, UnreadableImageError
-from storage.feature_store import FeatureStore, package_version, read_contents, read_features
-from storage.model_bundle import ModelBundle, load_head
-from tasks.heads import class_probabilities
-from tasks.images import decode_image
+from transfer_flow.storage.errors import BundleError, DatasetError, UnreadableImageError
+from transfer_flow.storage.feature_store import FeatureStore, package_version, read_contents, read_features
+from transfer_flow.storage.model_bundle import ModelBundle, load_head
+from transfer_flow.tasks.heads import class_probabilities
+from transfer_flow.tasks.images import decode_image
 
 
 class Misclassified(BaseModel):
@@ -37,7 +37,9 @@ class Evaluation(BaseModel):
     confusion: list[list[int]]
     classification_report: str
     best_params: dict[str, float]
-    misclassified: list[Misclassified] = Field(default_factory=list, description=f"At most {GALLERY_IMAGES}, most confident first.")
+    misclassified: list[Misclassified] = Field(
+        default_factory=list, description=f"At most {GALLERY_IMAGES}, most confident first."
+    )
     n_misclassified: int = 0
     seconds: float
 

@@ -13,26 +13,48 @@ import numpy as np
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from storage.errors import OutputExistsError, StoreError
-from storage.feature_store import FeatureStore, create_store, open_store, package_version, rows_per_chunk, store_exists
-from storage.manifest import ImageRecord, Manifest
-from storage.row_cache import RowCache
-from tasks.backbones import (Pooling, Precision, ResolvedWeights, build_feature_model, get_backbone, resolve_precision,
-                             resolve_weights)
-from tasks.images import decoded_batches
-from tasks.logs import stage_logger
+from transfer_flow.storage.errors import OutputExistsError, StoreError
+from transfer_flow.storage.feature_store import (
+    FeatureStore,
+    create_store,
+    open_store,
+    package_version,
+    rows_per_chunk,
+    store_exists,
+)
+from transfer_flow.storage.manifest import ImageRecord, Manifest
+from transfer_flow.storage.row_cache import RowCache
+from transfer_flow.tasks.backbones import (
+    Pooling,
+    Precision,
+    ResolvedWeights,
+    build_feature_model,
+    get_backbone,
+    resolve_precision,
+    resolve_weights,
+)
+from transfer_flow.tasks.images import decoded_batches
+from transfer_flow.tasks.logs import stage_logger
 
 
 class ExtractionSettings(BaseModel):
     """Everything that decides the values of a feature row."""
 
     backbone: str = Field(description="Backbone name (see `transfer-flow backbones`).")
-    weights: str = Field(default="imagenet", description="imagenet (resolved offline first), none (random), or a .h5 path.")
-    image_size: int | None = Field(default=None, ge=16, description="Square input side in pixels; default: the backbone's native size.")
+    weights: str = Field(
+        default="imagenet", description="imagenet (resolved offline first), none (random), or a .h5 path."
+    )
+    image_size: int | None = Field(
+        default=None, ge=16, description="Square input side in pixels; default: the backbone's native size."
+    )
     pooling: Pooling = Field(default="avg", description="How the last feature map becomes a vector.")
-    precision: Precision | None = Field(default=None, description="Compute precision; default: the backbone's fastest measured here.")
+    precision: Precision | None = Field(
+        default=None, description="Compute precision; default: the backbone's fastest measured here."
+    )
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
-    feature_dtype: Literal["float32", "float16"] = Field(default="float32", description="How features are stored; float16 halves the bytes.")
+    feature_dtype: Literal["float32", "float16"] = Field(
+        default="float32", description="How features are stored; float16 halves the bytes."
+    )
 
     def resolved_size(self) -> int:
         return self.image_size or get_backbone(self.backbone).native_size
@@ -54,7 +76,9 @@ class ExtractionResult(BaseModel):
     weights: ResolvedWeights
     precision: Precision
     extraction_key: str
-    cached: bool = Field(default=False, description="The whole store was already complete: nothing was read or written.")
+    cached: bool = Field(
+        default=False, description="The whole store was already complete: nothing was read or written."
+    )
 
 
 EXTRACTION_CODE_VERSION = 1  # bump when decoding or feature computation changes the values of a row
@@ -122,8 +146,12 @@ class ExtractionPlan(BaseModel):
     key: str
     feature_dim: int
     parts_dir: str
-    todo: list[ImageRecord] = Field(description="Images whose content has no row yet for these settings (one per content).")
-    previous_store: str | None = Field(default=None, description="A store with these settings whose rows can be reused.")
+    todo: list[ImageRecord] = Field(
+        description="Images whose content has no row yet for these settings (one per content)."
+    )
+    previous_store: str | None = Field(
+        default=None, description="A store with these settings whose rows can be reused."
+    )
     complete: bool = Field(default=False, description="The previous store already holds exactly this manifest.")
 
     def shards(self, size: int) -> list[list[ImageRecord]]:
@@ -137,7 +165,9 @@ def plan_extraction(manifest: Manifest, store_path: Path, settings: ExtractionSe
     settings = settings.model_copy(update={"precision": resolve_precision(spec, settings.precision)})
     key = extraction_key(settings, weights)
     existing = _existing_store(store_path)
-    previous = existing if not refresh and existing is not None and existing.attrs.get("extraction_key") == key else None
+    previous = (
+        existing if not refresh and existing is not None and existing.attrs.get("extraction_key") == key else None
+    )
     feature_dim = spec.feature_dim(settings.pooling, settings.resolved_size())
     parts_dir = Path(f"{store_path}.{key}.parts")
     plan = ExtractionPlan(settings=settings, weights=weights, key=key,
@@ -201,12 +231,22 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -
     if missing:
         raise StoreError(f"{len(missing)} images have no committed shard (first: {missing[0]}); rerun to resume")
     kept = [r for r in manifest.records if r.content_hash in cache.rows]
-    skipped = {r.content_hash: cache.skipped[r.content_hash] for r in manifest.records if r.content_hash in cache.skipped}
+    skipped = {
+        r.content_hash: cache.skipped[r.content_hash] for r in manifest.records if r.content_hash in cache.skipped
+    }
     attrs = {
-        "backbone": spec.name, "weights_source": plan.weights.describe(), "image_size": plan.settings.resolved_size(),
-        "pooling": plan.settings.pooling, "precision": plan.settings.precision, "preprocessing": spec.preprocessing,
-        "resize": RESIZE, "feature_dtype": plan.settings.feature_dtype, "dataset_root": manifest.root, "manifest_fingerprint": manifest.fingerprint(),
-        "extraction_key": plan.key, "skipped": json.dumps(skipped),
+        "backbone": spec.name,
+        "weights_source": plan.weights.describe(),
+        "image_size": plan.settings.resolved_size(),
+        "pooling": plan.settings.pooling,
+        "precision": plan.settings.precision,
+        "preprocessing": spec.preprocessing,
+        "resize": RESIZE,
+        "feature_dtype": plan.settings.feature_dtype,
+        "dataset_root": manifest.root,
+        "manifest_fingerprint": manifest.fingerprint(),
+        "extraction_key": plan.key,
+        "skipped": json.dumps(skipped),
     }
     block = 8 * rows_per_chunk(plan.feature_dim)
     with create_store(store_path, feature_dim=plan.feature_dim, label_names=manifest.class_names, attrs=attrs,
@@ -236,7 +276,7 @@ def extract_features(manifest: Manifest, store_path: Path, settings: ExtractionS
 
 def _extract_into_shards(records: Sequence[ImageRecord], root: Path, extractor: FeatureExtractor, cache: RowCache,
                          decode_threads: int | None, prefetch_batches: int, shard_images: int) -> None:
-    """Decode (threads, running `prefetch_batches` ahead) and extract `records`, committing a shard every `shard_images`."""
+    """Decode (threads, `prefetch_batches` ahead) and extract `records`, committing a shard every `shard_images`."""
     if not records:
         return
     batch_size = extractor.settings.batch_size

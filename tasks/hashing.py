@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from storage.manifest import ImageRecord, Manifest
+from transfer_flow.storage.manifest import ImageRecord, Manifest
 
 HASH_THREADS = 4  # hashlib releases the GIL: threads overlap reads with hashing
 
@@ -40,7 +40,9 @@ def _hash_or_unreadable(path: Path) -> str:
         return "unreadable-" + hashlib.blake2b(f"{path}:{error.errno}".encode(), digest_size=8).hexdigest()
 
 
-def hash_manifest(manifest: Manifest, previous: Manifest | None = None, *, refresh: bool = False) -> tuple[Manifest, HashingStats]:
+def hash_manifest(
+    manifest: Manifest, previous: Manifest | None = None, *, refresh: bool = False
+) -> tuple[Manifest, HashingStats]:
     """Return the manifest with `content_hash` on every record, reusing `previous` where the file is unchanged."""
     started = time.perf_counter()
     known: dict[str, ImageRecord] = {}
@@ -51,7 +53,11 @@ def hash_manifest(manifest: Manifest, previous: Manifest | None = None, *, refre
     todo: list[ImageRecord] = []
     for record in manifest.records:
         old = known.get(record.path)
-        if old is not None and (old.size, old.mtime_ns, old.ctime_ns) == (record.size, record.mtime_ns, record.ctime_ns):
+        if old is not None and (old.size, old.mtime_ns, old.ctime_ns) == (
+            record.size,
+            record.mtime_ns,
+            record.ctime_ns,
+        ):
             hashes[record.path] = old.content_hash
         else:
             todo.append(record)

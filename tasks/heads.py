@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
 
-from tasks.logs import stage_logger
+from transfer_flow.tasks.logs import stage_logger
 
 HEADS = ("logreg", "linear-svm", "sgd", "dense", "gap")
 

@@ -15,7 +15,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from storage.errors import SettingsError, UnreadableImageError
+from transfer_flow.storage.errors import SettingsError, UnreadableImageError
 
 # The transposition for each EXIF orientation, as in ImageOps.exif_transpose; applied here after the
 # resize, where it costs a small fraction of transposing the full-size image.

@@ -26,8 +26,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.errors import DatasetError
-from storage.manifest import ImageRecord, Manifest, Split
+from transfer_flow.storage.errors import DatasetError
+from transfer_flow.storage.manifest import ImageRecord, Manifest, Split
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from storage.errors import BundleError, WeightsUnavailableError
-from storage.model_bundle import ModelBundle, load_bundle, load_head
-from tasks.backbones import ResolvedWeights, get_backbone
-from tasks.extraction import ExtractionSettings, FeatureExtractor
-from tasks.heads import class_probabilities
-from tasks.images import decoded_batches
-from tasks.listing import IMAGE_EXTENSIONS
+from transfer_flow.storage.errors import BundleError, WeightsUnavailableError
+from transfer_flow.storage.model_bundle import ModelBundle, load_bundle, load_head
+from transfer_flow.tasks.backbones import ResolvedWeights, get_backbone
+from transfer_flow.tasks.extraction import ExtractionSettings, FeatureExtractor
+from transfer_flow.tasks.heads import class_probabilities
+from transfer_flow.tasks.images import decoded_batches
+from transfer_flow.tasks.listing import IMAGE_EXTENSIONS
 
 
 class PredictionRow(BaseModel):

@@ -18,11 +18,20 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 from sklearn.metrics import accuracy_score, f1_score
 
-from storage.feature_store import FeatureStore, open_store, read_contents, read_features
-from storage.model_bundle import BundleMetadata, ModelBundle, load_head
-from storage.registry import Decision, Metric, ModelRegistry, PromotionPolicy, VersionEntry, beats, decision_markdown, now
-from storage.run_summary import RunSummary
-from tasks.logs import stage_logger
+from transfer_flow.storage.feature_store import FeatureStore, open_store, read_contents, read_features
+from transfer_flow.storage.model_bundle import BundleMetadata, ModelBundle, load_head
+from transfer_flow.storage.registry import (
+    Decision,
+    Metric,
+    ModelRegistry,
+    PromotionPolicy,
+    VersionEntry,
+    beats,
+    decision_markdown,
+    now,
+)
+from transfer_flow.storage.run_summary import RunSummary
+from transfer_flow.tasks.logs import stage_logger
 
 
 class Scores(BaseModel):

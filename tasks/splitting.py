@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, defaultdict
 
-from storage.errors import DatasetError, SettingsError
-from storage.manifest import ImageRecord, Manifest
+from transfer_flow.storage.errors import DatasetError, SettingsError
+from transfer_flow.storage.manifest import ImageRecord, Manifest
 
 MIN_TRAIN_PER_CLASS = 2  # cross-validation over C needs two folds' worth of each class
 
@@ -37,7 +37,7 @@ def split_manifest(manifest: Manifest, *, test_size: float, seed: int) -> Manife
         raise DatasetError(f"Classes too small to split (each needs at least {MIN_TRAIN_PER_CLASS} training "
                            f"images and 1 test image): {listed}")
     if any(not r.content_hash for r in manifest.records):
-        raise ValueError("split_manifest needs content hashes: run tasks.hashing.hash_manifest first")
+        raise ValueError("split_manifest needs content hashes: run transfer_flow.tasks.hashing.hash_manifest first")
     by_class: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in manifest.records:
         by_class[record.label].append(record)

@@ -19,22 +19,28 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
-from storage.comparison import HeadScore, write_comparison
-from storage.manifest import ImageRecord, Manifest
-from storage.model_bundle import ModelBundle
-from storage.output_layout import OutputLayout
-from storage.predictions import refuse_existing_predictions, write_predictions
-from storage.report import HTML_FILE, read_report_key, summary_markdown, write_report
-from storage.run_summary import RunSummary
-from tasks.evaluation import Evaluation, evaluate_bundle, gallery_thumbnails, report_key
-from tasks.extraction import (ExtractionPlan, ExtractionResult, ExtractionSettings, assemble_store, extract_records,
-                              plan_extraction)
-from tasks.hashing import HashingStats, hash_manifest
-from tasks.listing import list_dataset
-from tasks.logs import stage_logger
-from tasks.prediction import PredictionRow, find_bundle, list_images, predict_images
-from tasks.splitting import split_manifest
-from tasks.training import TrainingResult, TrainingSettings, reusable_bundle, train_head, training_key
+from transfer_flow.storage.comparison import HeadScore, write_comparison
+from transfer_flow.storage.manifest import ImageRecord, Manifest
+from transfer_flow.storage.model_bundle import ModelBundle
+from transfer_flow.storage.output_layout import OutputLayout
+from transfer_flow.storage.predictions import refuse_existing_predictions, write_predictions
+from transfer_flow.storage.report import HTML_FILE, read_report_key, summary_markdown, write_report
+from transfer_flow.storage.run_summary import RunSummary
+from transfer_flow.tasks.evaluation import Evaluation, evaluate_bundle, gallery_thumbnails, report_key
+from transfer_flow.tasks.extraction import (
+    ExtractionPlan,
+    ExtractionResult,
+    ExtractionSettings,
+    assemble_store,
+    extract_records,
+    plan_extraction,
+)
+from transfer_flow.tasks.hashing import HashingStats, hash_manifest
+from transfer_flow.tasks.listing import list_dataset
+from transfer_flow.tasks.logs import stage_logger
+from transfer_flow.tasks.prediction import PredictionRow, find_bundle, list_images, predict_images
+from transfer_flow.tasks.splitting import split_manifest
+from transfer_flow.tasks.training import TrainingResult, TrainingSettings, reusable_bundle, train_head, training_key
 
 CACHED_RESULTS = dict(persist_result=True, result_serializer="json")
 
@@ -47,15 +53,24 @@ def claimed_output(output: str, dataset: str, store_format: str, overwrite: bool
 
 
 @task(name="list images", cache_policy=NONE)
-def listed_manifest(dataset: str, seed: int, layout: OutputLayout, refresh_hashes: bool) -> tuple[Manifest, HashingStats]:
+def listed_manifest(
+    dataset: str, seed: int, layout: OutputLayout, refresh_hashes: bool
+) -> tuple[Manifest, HashingStats]:
     """List the folder and hash what changed since the manifest of the last run in this output."""
     manifest = list_dataset(Path(dataset), seed=seed)
     previous = Manifest.load(layout.manifest) if layout.manifest.is_file() else None
     manifest, stats = hash_manifest(manifest, previous, refresh=refresh_hashes)
-    stage_logger().info("list: %d images in %d classes (%d other files ignored%s); hashed %d (%.1f MB) in %.2f s, "
-                        "%d unchanged", len(manifest.records), len(manifest.class_names), sum(manifest.ignored.values()),
-                        f"; empty classes dropped: {', '.join(manifest.dropped_classes)}" if manifest.dropped_classes else "",
-                        stats.images_hashed, stats.bytes_hashed / 1e6, stats.seconds, stats.images_reused)
+    stage_logger().info(
+        "list: %d images in %d classes (%d other files ignored%s); hashed %d (%.1f MB) in %.2f s, %d unchanged",
+        len(manifest.records),
+        len(manifest.class_names),
+        sum(manifest.ignored.values()),
+        f"; empty classes dropped: {', '.join(manifest.dropped_classes)}" if manifest.dropped_classes else "",
+        stats.images_hashed,
+        stats.bytes_hashed / 1e6,
+        stats.seconds,
+        stats.images_reused,
+    )
     return manifest, stats
 
 
@@ -65,10 +80,18 @@ def split(manifest: Manifest, test_size: float, seed: int) -> Manifest:
 
 
 @task(name="plan extraction", cache_policy=NONE)
-def extraction_plan(manifest: Manifest, layout: OutputLayout, settings: ExtractionSettings, refresh: bool) -> ExtractionPlan:
+def extraction_plan(
+    manifest: Manifest, layout: OutputLayout, settings: ExtractionSettings, refresh: bool
+) -> ExtractionPlan:
     plan = plan_extraction(manifest, layout.store, settings, refresh=refresh)
-    stage_logger().info("extract: %d images to extract with %s (%s, %s)%s", len(plan.todo), settings.backbone,
-                        plan.settings.precision, plan.weights.describe(), "; the store is up to date" if plan.complete else "")
+    stage_logger().info(
+        "extract: %d images to extract with %s (%s, %s)%s",
+        len(plan.todo),
+        settings.backbone,
+        plan.settings.precision,
+        plan.weights.describe(),
+        "; the store is up to date" if plan.complete else "",
+    )
     return plan
 
 
@@ -151,8 +174,12 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
                           table=[{"class": name, **{k: round(v, 4) for k, v in scores.items()}}
                                  for name, scores in result.per_class.items()])
     page = (layout.report / HTML_FILE).resolve()
-    create_link_artifact(key="evaluation-report", link=page.as_uri(), link_text=f"report: {spec.backbone} + {spec.head}",
-                         description="The self-contained HTML report (curves, confusion matrix, misclassified images)")
+    create_link_artifact(
+        key="evaluation-report",
+        link=page.as_uri(),
+        link_text=f"report: {spec.backbone} + {spec.head}",
+        description="The self-contained HTML report (curves, confusion matrix, misclassified images)",
+    )
     stage_logger().info("report: accuracy %.4f, macro F1 %.4f → %s", result.accuracy, result.macro_f1, page)
     return metrics, kept
 

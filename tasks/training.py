@@ -10,11 +10,17 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from storage.errors import BundleError, DatasetError, SettingsError, StoreError
-from storage.feature_store import FeatureStore, package_version, read_contents, read_features, rows_per_chunk
-from storage.model_bundle import BundleMetadata, ModelBundle, head_matches, load_bundle, save_bundle
-from tasks.backbones import get_backbone
-from tasks.heads import fit_dense, fit_gap, fit_linear_svm, fit_logreg, fit_sgd
+from transfer_flow.storage.errors import BundleError, DatasetError, SettingsError, StoreError
+from transfer_flow.storage.feature_store import (
+    FeatureStore,
+    package_version,
+    read_contents,
+    read_features,
+    rows_per_chunk,
+)
+from transfer_flow.storage.model_bundle import BundleMetadata, ModelBundle, head_matches, load_bundle, save_bundle
+from transfer_flow.tasks.backbones import get_backbone
+from transfer_flow.tasks.heads import fit_dense, fit_gap, fit_linear_svm, fit_logreg, fit_sgd
 
 CLASSIC_C_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]  # the classic recipe's grid
 
@@ -23,19 +29,36 @@ HeadName = Literal["logreg", "linear-svm", "sgd", "dense", "gap"]
 
 
 class TrainingSettings(BaseModel):
-    head: HeadName = Field(default="logreg", description="Classifier trained on the frozen features: logreg or "
-                           "linear-svm (grid over C), sgd (out of core, store read in blocks), dense (Keras MLP), gap (Keras global "
-                           "average pooling over the unpooled map: needs --pooling flatten).")
-    c_grid: list[float] = Field(default_factory=lambda: list(CLASSIC_C_GRID), description="Values of C searched by cross-validation (logreg, linear-svm).")
-    cv_folds: int = Field(default=3, ge=2, description="Cross-validation folds for the search over C (when no val/ folder).")
+    head: HeadName = Field(
+        default="logreg",
+        description="Classifier trained on the frozen features: logreg or "
+        "linear-svm (grid over C), sgd (out of core, store read in blocks), dense (Keras MLP), gap (Keras global "
+        "average pooling over the unpooled map: needs --pooling flatten).",
+    )
+    c_grid: list[float] = Field(
+        default_factory=lambda: list(CLASSIC_C_GRID),
+        description="Values of C searched by cross-validation (logreg, linear-svm).",
+    )
+    cv_folds: int = Field(
+        default=3, ge=2, description="Cross-validation folds for the search over C (when no val/ folder)."
+    )
     max_iter: int = Field(default=1000, ge=1)
     seed: int = 42
     sgd_alpha: float = Field(default=1e-4, gt=0, description="sgd: regularisation strength.")
     sgd_epochs: int = Field(default=10, ge=1, description="sgd: passes over the store.")
-    sgd_block_rows: int | None = Field(default=None, ge=1, description="sgd: rows read at a time; empty: the store's chunk rows.")
+    sgd_block_rows: int | None = Field(
+        default=None, ge=1, description="sgd: rows read at a time; empty: the store's chunk rows."
+    )
     epochs: int = Field(default=100, ge=1, description="dense: most epochs (early stopping usually ends sooner).")
-    patience: int = Field(default=8, ge=1, description="dense: epochs without a better validation loss before stopping.")
-    validation_fraction: float = Field(default=0.2, gt=0, lt=1, description="dense: share of train carved off for early stopping (when no val/ folder).")
+    patience: int = Field(
+        default=8, ge=1, description="dense: epochs without a better validation loss before stopping."
+    )
+    validation_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        lt=1,
+        description="dense: share of train carved off for early stopping (when no val/ folder).",
+    )
     dense_batch_size: int = Field(default=32, ge=1, description="dense: rows per gradient step.")
     learning_rate: float = Field(default=1e-3, gt=0, description="dense: Adam's learning rate.")
 
@@ -55,7 +78,9 @@ class TrainingResult(BaseModel):
     cv_score: float
     score_name: str = "cv accuracy"
     history: dict[str, list[float]] = Field(default_factory=dict, description="Per-epoch curves (dense head).")
-    fit_seconds: float = Field(default=0.0, description="How long the fit took when the bundle was made (also when reused).")
+    fit_seconds: float = Field(
+        default=0.0, description="How long the fit took when the bundle was made (also when reused)."
+    )
     cached: bool = False
     seconds: float
 
@@ -91,7 +116,9 @@ def feature_map_shape(store: FeatureStore) -> tuple[int, int, int]:
     return side, side, spec.channels
 
 
-def train_head(store: FeatureStore, bundle_dir: Path, settings: TrainingSettings, *, refresh: bool = False) -> TrainingResult:
+def train_head(
+    store: FeatureStore, bundle_dir: Path, settings: TrainingSettings, *, refresh: bool = False
+) -> TrainingResult:
     """Fit the head on the store's train (and val) rows and save it in `bundle_dir`, unless the bundle there
     was made from the same rows and settings (then it is returned as is)."""
     started = time.perf_counter()

@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).parent))  # tests_support
-
-from tests_support import write_colour_images  # noqa: E402
-
 # Prefect binds its console log handler to sys.stderr when first imported; do it now, on pytest's own
 # stream, rather than inside some test's capsys (whose stream is closed when that test ends).
 import prefect.main  # noqa: E402,F401
+
+from tests.support import write_colour_images  # noqa: E402
 
 # Three visually distinct classes, so that even random-weight features separate them.
 CLASS_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}

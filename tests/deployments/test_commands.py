@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from deployments.commands import add_deployment_commands
-from deployments.server import is_loopback, running_local_server
-from storage.errors import SettingsError
+from transfer_flow.deployments.commands import add_deployment_commands
+from transfer_flow.flows.prefect_api import is_loopback, running_local_server
+from transfer_flow.storage.errors import SettingsError
 
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = [sys.executable, "-m", "deployments.commands"]
+COMMANDS = [sys.executable, "-m", "transfer_flow.deployments.commands"]
 SERVER_START_SECONDS = 120  # bound on the wait; it takes ~15 s on 2 CPUs
 
 
@@ -135,7 +135,7 @@ def real_server(tmp_path):
 def test_server_serve_inspect_and_a_triggered_run_on_a_real_server(real_server, colour_dataset):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from deployments.events import dataset_arrived, send
+    from transfer_flow.tasks.inbox import dataset_arrived, send
 
     port, printed, tmp_path = real_server
     api = f"http://127.0.0.1:{port}/api"
@@ -144,9 +144,28 @@ def test_server_serve_inspect_and_a_triggered_run_on_a_real_server(real_server, 
     assert running_local_server("127.0.0.1", port) == api
     _cli_uses_a_running_server(api, port)
     env = client_env(tmp_path, api)
-    serve = subprocess.run([*COMMANDS, "serve", "--register-only", "--home", str(tmp_path / "home"), "--dataset",
-                            str(colour_dataset), "--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    serve = subprocess.run(
+        [
+            *COMMANDS,
+            "serve",
+            "--register-only",
+            "--home",
+            str(tmp_path / "home"),
+            "--dataset",
+            str(colour_dataset),
+            "--backbone",
+            "mobilenet_v2",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert serve.returncode == 0, serve.stderr[-2000:]
     inspect = subprocess.run([sys.executable, "-m", "prefect", "deployment", "inspect", "train-and-promote/retrain"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -157,7 +176,11 @@ def test_server_serve_inspect_and_a_triggered_run_on_a_real_server(real_server, 
         deadline = time.monotonic() + 60
         runs = []
         while not runs and time.monotonic() < deadline:
-            runs = [r for r in asyncio.run(_flow_runs()) if r.parameters.get("settings", {}).get("dataset") == str(colour_dataset)]
+            runs = [
+                r
+                for r in asyncio.run(_flow_runs())
+                if r.parameters.get("settings", {}).get("dataset") == str(colour_dataset)
+            ]
             time.sleep(0.5)
     assert len(runs) == 1 and runs[0].parameters["settings"]["output"] == f"{tmp_path / 'home'}/runs/colours"
 
@@ -166,9 +189,10 @@ def _cli_uses_a_running_server(api: str, port: int) -> None:
     """With no PREFECT_API_URL, the flow commands point Prefect at the server that answers (here on `port`)."""
     import functools
 
-    import deployments.server as server
-    from flows.cli import _prefect_api
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import transfer_flow.flows.prefect_api as server
+    from transfer_flow.flows.cli import _prefect_api
 
     found = functools.partial(server.running_local_server, "127.0.0.1", port)
     original, server.running_local_server = server.running_local_server, found
@@ -190,7 +214,7 @@ async def _flow_runs():
 
 
 def test_the_transfer_flow_command_dispatches_to_these_handlers(capsys):
-    from flows.cli import EXIT_USER_ERROR, main
+    from transfer_flow.flows.cli import EXIT_USER_ERROR, main
 
     assert main(["serve", "--register-only", "--cron", "at two"]) == EXIT_USER_ERROR
     [line] = capsys.readouterr().err.strip().splitlines()

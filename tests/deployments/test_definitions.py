@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.definitions import NIGHTLY, ServeOptions, build_deployments
-from deployments.events import DATASET_ARRIVED
+from tests.support import FAST
+from transfer_flow.deployments.definitions import NIGHTLY, ServeOptions, build_deployments
+from transfer_flow.tasks.inbox import DATASET_ARRIVED
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
-FAST = {"backbone": "mobilenet_v2", "weights": "none", "image_size": 32}
 
 
 async def _read(names):
@@ -61,7 +61,7 @@ def test_retrain_runs_nightly_on_the_dataset_with_the_typed_settings(registered,
     assert {k: settings[k] for k in FAST} == FAST
     assert deployment.parameters["registry"] == {"registry": f"{options.home}/registry", "metric": "accuracy",
                                                  "margin": 0.01}
-    assert deployment.entrypoint == "flows.retrain.train_and_promote"
+    assert deployment.entrypoint == "transfer_flow.flows.retrain.train_and_promote"
 
 
 def test_on_dataset_is_triggered_by_the_arrival_event_with_parameters_from_its_payload(registered):
@@ -80,7 +80,7 @@ def test_on_dataset_is_triggered_by_the_arrival_event_with_parameters_from_its_p
 
 
 def test_on_demand_offers_a_typed_form(registered):
-    from tasks.backbones import BACKBONES
+    from transfer_flow.tasks.backbones import BACKBONES
 
     _, _, found = registered
     deployment, _ = found["transfer-learning/on-demand"]
@@ -101,7 +101,7 @@ def test_poll_inbox_scans_on_an_interval(registered):
 
 
 def test_without_a_dataset_the_retrain_schedule_is_registered_paused(prefect_api, tmp_path):
-    from deployments.definitions import retrain_deployment
+    from transfer_flow.deployments.definitions import retrain_deployment
 
     retrain_deployment(ServeOptions(home=str(tmp_path), cron="30 3 * * 1-5", timezone="UTC")).apply()
     deployment, _ = read_deployments("train-and-promote/retrain")["train-and-promote/retrain"]
@@ -126,7 +126,10 @@ def test_prefect_yaml_declares_what_serve_registers():
     assert set(by_name) == {"retrain", "on-dataset", "on-demand", "poll-inbox"}
     assert by_name["retrain"]["schedules"][0]["cron"] == NIGHTLY
     [trigger] = by_name["on-dataset"]["triggers"]
-    assert trigger["expect"] == [DATASET_ARRIVED] and trigger["parameters"]["settings"]["dataset"] == "{{ event.payload.path }}"
+    assert (
+        trigger["expect"] == [DATASET_ARRIVED]
+        and trigger["parameters"]["settings"]["dataset"] == "{{ event.payload.path }}"
+    )
     # The yaml's pipeline defaults are PipelineSettings' defaults.
     assert spec["definitions"]["pipeline"] == ServeOptions().pipeline_defaults()
 

@@ -9,12 +9,11 @@ import time
 
 import pytest
 
-from deployments.definitions import ServeOptions, on_dataset_deployment
-from deployments.events import dataset_arrived, send
-from deployments.watch import MARKER, InboxWatcher
-from flows.settings import PipelineSettings
+from tests.support import FAST
+from transfer_flow.deployments.definitions import ServeOptions, on_dataset_deployment
+from transfer_flow.flows.settings import PipelineSettings
+from transfer_flow.tasks.inbox import MARKER, InboxWatcher, dataset_arrived, send
 
-FAST = {"backbone": "mobilenet_v2", "weights": "none", "image_size": 32}
 TRIGGER_WAIT_SECONDS = 60  # an upper bound for a busy machine; it takes about a second
 
 
@@ -23,7 +22,9 @@ async def _runs(deployment_id):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     async with get_client() as client:
-        return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+        return await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
 
 
 def runs_for_dataset(deployment_id, dataset: str, *, at_least: int = 1):
@@ -74,7 +75,7 @@ def test_the_watcher_announces_through_the_events_api_once_across_a_restart(on_d
 
 
 def test_the_polling_flow_announces_a_dataset_that_triggers_a_run(on_dataset, tmp_path):
-    from flows.inbox import scan_inbox
+    from transfer_flow.flows.inbox import scan_inbox
 
     deployment_id, _ = on_dataset
     folder = make_dataset(tmp_path, "birds")

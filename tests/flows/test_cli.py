@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from flows.cli import EXIT_USER_ERROR, main
+from transfer_flow.flows.cli import EXIT_USER_ERROR, main
 
-CLI = [sys.executable, "-m", "flows.cli"]
+CLI = [sys.executable, "-m", "transfer_flow.flows.cli"]
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["backbones"]])
@@ -45,7 +45,7 @@ def test_debug_lets_the_error_itself_through(tmp_path):
 
 
 def test_backbones_lists_every_backbone_and_its_offline_status(capsys):
-    from tasks.backbones import BACKBONES
+    from transfer_flow.tasks.backbones import BACKBONES
 
     assert main(["backbones"]) == 0
     out = capsys.readouterr().out
@@ -78,6 +78,8 @@ def test_output_of_another_dataset_needs_overwrite(prefect_api, messy_dataset, c
 def test_bad_dataset_inside_the_flow_is_one_line(prefect_api, tmp_path, capsys):
     (tmp_path / "data" / "only").mkdir(parents=True)
     (tmp_path / "data" / "only" / "a.png").write_bytes(b"")
-    assert main(["run", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--weights", "none"]) == EXIT_USER_ERROR
+    assert (
+        main(["run", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--weights", "none"]) == EXIT_USER_ERROR
+    )
     err = capsys.readouterr().err
     assert "transfer-flow: error:" in err and "Traceback" not in err

@@ -2,12 +2,11 @@
 import csv
 import json
 
-from flows.cli import main
-from flows.compare import compare_heads
-from flows.settings import CompareSettings
-from storage.model_bundle import load_bundle
-
-FAST = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=8)
+from tests.support import FAST
+from transfer_flow.flows.cli import main
+from transfer_flow.flows.compare import compare_heads
+from transfer_flow.flows.settings import CompareSettings
+from transfer_flow.storage.model_bundle import load_bundle
 
 
 def test_heads_share_one_store_and_land_in_one_table(prefect_api, colour_dataset, tmp_path, capsys):
@@ -43,6 +42,10 @@ def test_compare_and_predict_explain_themselves():
     import sys
 
     for command in ("compare", "predict"):
-        done = subprocess.run([sys.executable, "-m", "flows.cli", command, "--help"], capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "transfer_flow.flows.cli", command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0 and f"usage: transfer-flow {command}" in done.stdout

@@ -1,11 +1,12 @@
 """Extraction as Prefect tasks on a real local Dask cluster gives the same rows as the in-process path."""
 import numpy as np
 
-from flows.pipeline import transfer_learning
-from flows.settings import PipelineSettings
-from storage.feature_store import open_store, read_contents, read_features
+from tests.support import FAST as FAST_ALL
+from transfer_flow.flows.pipeline import transfer_learning
+from transfer_flow.flows.settings import PipelineSettings
+from transfer_flow.storage.feature_store import open_store, read_contents, read_features
 
-FAST = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=4)
+FAST = {**FAST_ALL, "batch_size": 4}  # several batches per shard
 
 
 def rows_by_path(store_path):

@@ -5,12 +5,11 @@ import shutil
 
 import pytest
 
-from flows.pipeline import transfer_learning
-from flows.settings import PipelineSettings
-from storage.errors import DatasetError, OutputExistsError
-from storage.feature_store import open_store, read_contents
-
-FAST = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=8)
+from tests.support import FAST
+from transfer_flow.flows.pipeline import transfer_learning
+from transfer_flow.flows.settings import PipelineSettings
+from transfer_flow.storage.errors import DatasetError, OutputExistsError
+from transfer_flow.storage.feature_store import open_store, read_contents
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,16 @@ import shutil
 import numpy as np
 import pytest
 
-from flows.cli import EXIT_USER_ERROR, main
-from flows.pipeline import transfer_learning
-from flows.predict import batch_prediction
-from flows.settings import PipelineSettings, PredictionSettings
-from storage.errors import BundleError, OutputExistsError
-from storage.feature_store import open_store, read_contents, read_features
-from storage.model_bundle import load_bundle, load_head
-from tasks.heads import class_probabilities
-from tasks.prediction import bundle_extractor, predict_images
-
-FAST = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=8)
+from tests.support import FAST
+from transfer_flow.flows.cli import EXIT_USER_ERROR, main
+from transfer_flow.flows.pipeline import transfer_learning
+from transfer_flow.flows.predict import batch_prediction
+from transfer_flow.flows.settings import PipelineSettings, PredictionSettings
+from transfer_flow.storage.errors import BundleError, OutputExistsError
+from transfer_flow.storage.feature_store import open_store, read_contents, read_features
+from transfer_flow.storage.model_bundle import load_bundle, load_head
+from transfer_flow.tasks.heads import class_probabilities
+from transfer_flow.tasks.prediction import bundle_extractor, predict_images
 
 
 @pytest.fixture(scope="module")

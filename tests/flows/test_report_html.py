@@ -5,11 +5,9 @@ import json
 
 import pytest
 
-from flows.pipeline import transfer_learning
-from flows.settings import PipelineSettings
-from html_check import check_html
-
-FAST = dict(backbone="mobilenet_v2", weights="none", image_size=32, batch_size=8)
+from tests.support import FAST, check_html
+from transfer_flow.flows.pipeline import transfer_learning
+from transfer_flow.flows.settings import PipelineSettings
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +58,10 @@ def test_warm_dense_rerun_reuses_every_stage(dense_run):
 def test_a_dense_bundle_labels_new_images_like_its_evaluation(dense_run, messy_dataset):
     import numpy as np
 
-    from storage.feature_store import open_store, read_contents, read_features
-    from storage.model_bundle import load_bundle, load_head
-    from tasks.heads import class_probabilities
-    from tasks.prediction import predict_images
+    from transfer_flow.storage.feature_store import open_store, read_contents, read_features
+    from transfer_flow.storage.model_bundle import load_bundle, load_head
+    from transfer_flow.tasks.heads import class_probabilities
+    from transfer_flow.tasks.prediction import predict_images
 
     _, _, output = dense_run
     bundle = load_bundle(output / "model")

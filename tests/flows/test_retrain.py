@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.retrain import RegistrySettings, train_and_promote
-from flows.settings import PipelineSettings
-from storage.registry import ModelRegistry
+from transfer_flow.flows.retrain import RegistrySettings, train_and_promote
+from transfer_flow.flows.settings import PipelineSettings
+from transfer_flow.storage.registry import ModelRegistry
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,17 @@ def runs(prefect_api, colour_dataset, fixed_weights, tmp_path_factory):
     registry = RegistrySettings(registry=str(root / "registry"), metric="accuracy")
 
     def run(dataset, name):
-        return train_and_promote(PipelineSettings(dataset=str(dataset), output=str(root / name), backbone="mobilenet_v2",
-                                                  weights=fixed_weights, image_size=32, batch_size=8), registry)
+        return train_and_promote(
+            PipelineSettings(
+                dataset=str(dataset),
+                output=str(root / name),
+                backbone="mobilenet_v2",
+                weights=fixed_weights,
+                image_size=32,
+                batch_size=8,
+            ),
+            registry,
+        )
 
     first = run(colour_dataset, "nightly")
     unchanged = run(colour_dataset, "nightly")  # the next night, no new images: every stage is reused

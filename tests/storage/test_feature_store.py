@@ -13,9 +13,19 @@ import numpy as np
 import pytest
 import zarr
 
-from storage.errors import OutputExistsError, StoreError
-from storage.feature_store import (backend_of, commit_store, create_store, discard_store, open_store,
-                                   preallocate_zarr_store, read_contents, read_features, rows_per_chunk, write_rows)
+from transfer_flow.storage.errors import OutputExistsError, StoreError
+from transfer_flow.storage.feature_store import (
+    backend_of,
+    commit_store,
+    create_store,
+    discard_store,
+    open_store,
+    preallocate_zarr_store,
+    read_contents,
+    read_features,
+    rows_per_chunk,
+    write_rows,
+)
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 ATTRS = {"backbone": "vgg16", "image_size": 32, "pooling": "avg", "nested": {"a": 1}, "none": None,
@@ -84,7 +94,12 @@ class TestFeatureStoreContract:
     def test_round_trip_keeps_rows_dtypes_chunks_and_attrs(self, store_path):
         features, labels, paths, split, hashes = write_store(store_path, n=10, dim=6, batches=3)
         store = open_store(store_path)
-        assert (store.path, store.n_rows, store.feature_dim, store.label_names) == (str(store_path), 10, 6, ["cat", "dog"])
+        assert (store.path, store.n_rows, store.feature_dim, store.label_names) == (
+            str(store_path),
+            10,
+            6,
+            ["cat", "dog"],
+        )
         assert store.attrs["backbone"] == "vgg16" and store.attrs["image_size"] == 32
         assert store.attrs["nested"] == '{"a": 1}' and store.attrs["none"] == "" and store.attrs["flag"] is True
         assert store.attrs["n_rows"] == 10 and store.attrs["transfer_flow_version"] and store.attrs["created"]
@@ -180,7 +195,9 @@ def test_attrs_are_identical_across_backends(tmp_path):
     assert drop_created(h5.attrs) == drop_created(zr.attrs)
     assert {k: type(v) for k, v in h5.attrs.items()} == {k: type(v) for k, v in zr.attrs.items()}
     assert h5.fingerprint() == zr.fingerprint()
-    assert read_contents(h5).model_dump(exclude={"labels", "attrs"}) == read_contents(zr).model_dump(exclude={"labels", "attrs"})
+    assert read_contents(h5).model_dump(exclude={"labels", "attrs"}) == read_contents(zr).model_dump(
+        exclude={"labels", "attrs"}
+    )
 
 
 def test_chunks_stay_near_one_mebibyte_for_wide_features():
@@ -224,7 +241,9 @@ def test_file_and_fsspec_urls_reach_the_zarr_backend(tmp_path):
             write_store(url, n=3)
         write_store(url, n=3, overwrite=True)
         assert open_store(url).n_rows == 3
-        assert [p.rsplit("/", 1)[1] for p in fsspec.filesystem("memory").ls(url.rsplit("/", 1)[0], detail=False)] == ["f.zarr"]
+        assert [p.rsplit("/", 1)[1] for p in fsspec.filesystem("memory").ls(url.rsplit("/", 1)[0], detail=False)] == [
+            "f.zarr"
+        ]
     finally:
         fsspec.filesystem("memory").rm(url.rsplit("/", 1)[0], recursive=True)
 
@@ -293,7 +312,9 @@ def test_hdf5_has_no_concurrent_writers(tmp_path):
 # --- HDF5 only ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (SHARED / "baseline" / "seed_pipeline.py").is_file(), reason="../shared/baseline is not beside this checkout")
+@pytest.mark.skipif(
+    not (SHARED / "baseline" / "seed_pipeline.py").is_file(), reason="../shared/baseline is not beside this checkout"
+)
 def test_classic_recipe_training_step_reads_our_store(tmp_path):
     rng = np.random.default_rng(1)
     n, dim = 60, 5

@@ -4,8 +4,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from storage.errors import BundleError, OutputExistsError
-from storage.model_bundle import HEAD_FILE, BundleMetadata, load_bundle, load_head, save_bundle
+from transfer_flow.storage.errors import BundleError, OutputExistsError
+from transfer_flow.storage.model_bundle import HEAD_FILE, BundleMetadata, load_bundle, load_head, save_bundle
 
 X = np.array([[0.0, 1.0], [1.0, 0.0], [0.1, 0.9], [0.9, 0.2]])
 Y = np.array([0, 1, 0, 1])

@@ -4,12 +4,12 @@ import sys
 
 import pytest
 
-from storage.errors import OutputExistsError, OutputLockedError
-from storage.output_layout import LOCK_FILE, OutputLayout
+from transfer_flow.storage.errors import OutputExistsError, OutputLockedError
+from transfer_flow.storage.output_layout import LOCK_FILE, OutputLayout
 
 HOLD_LOCK = """
 import sys, time
-from storage.output_layout import OutputLayout
+from transfer_flow.storage.output_layout import OutputLayout
 with OutputLayout(root=sys.argv[1]).locked():
     print("locked", flush=True)
     time.sleep(60)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from storage.errors import BundleError
-from storage.feature_store import create_store, open_store
-from storage.model_bundle import BundleMetadata, save_bundle
-from storage.registry import ModelRegistry, PromotionPolicy, beats
-from tasks.promotion import decide
+from transfer_flow.storage.errors import BundleError
+from transfer_flow.storage.feature_store import create_store, open_store
+from transfer_flow.storage.model_bundle import BundleMetadata, save_bundle
+from transfer_flow.storage.registry import ModelRegistry, PromotionPolicy, beats
+from transfer_flow.tasks.promotion import decide
 
 CLASSES = ["blue", "green", "red"]
 CENTRES = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
@@ -29,7 +29,9 @@ def store(tmp_path):
     features, labels = blobs(15, seed=0)
     split = np.where(np.arange(len(labels)) % 3 == 0, "test", "train")
     paths = [f"{CLASSES[y]}/img_{i:03d}.png" for i, y in enumerate(labels)]
-    with create_store(tmp_path / "features.h5", feature_dim=2, label_names=CLASSES, attrs={"backbone": "fake"}) as writer:
+    with create_store(
+        tmp_path / "features.h5", feature_dim=2, label_names=CLASSES, attrs={"backbone": "fake"}
+    ) as writer:
         writer.append(features, labels, paths, list(split))
     return open_store(tmp_path / "features.h5")
 
@@ -152,8 +154,15 @@ def test_the_same_model_trained_again_is_not_a_new_version_nor_promoted_over_its
     entry = register(registry, make_run(tmp_path, "a", quality="good"))
     decide(registry, entry, store, PromotionPolicy())
     rerun = make_run(tmp_path, "nightly", quality="good", store="a")  # same rows, same fit, a new skops file
-    again, is_new = registry.register(rerun["bundle_dir"], rerun["report_dir"], dataset=rerun["dataset"],
-                                      run_output=rerun["run_output"], metrics=rerun["metrics"], n_test=15, train_rows=[])
+    again, is_new = registry.register(
+        rerun["bundle_dir"],
+        rerun["report_dir"],
+        dataset=rerun["dataset"],
+        run_output=rerun["run_output"],
+        metrics=rerun["metrics"],
+        n_test=15,
+        train_rows=[],
+    )
     assert not is_new and again.version == "v0001" and len(registry.versions()) == 1
     decision = decide(registry, again, store, PromotionPolicy())
     assert decision.basis == "same-model" and not decision.promoted

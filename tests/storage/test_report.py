@@ -2,9 +2,10 @@
 import json
 
 import numpy as np
-from html_check import check_html
 
-from storage.report import read_report_key, write_report
+from tests.support import check_html
+from transfer_flow.storage.report import read_report_key, write_report
+
 
 def metrics(names=("cat", "dog <b>", "owl")):
     names = list(names)

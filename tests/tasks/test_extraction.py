@@ -1,5 +1,4 @@
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.errors import OutputExistsError
-from storage.feature_store import open_store, read_contents, read_features
-from tasks.extraction import ExtractionSettings, extract_features
-from tasks.hashing import hash_manifest
-from tasks.listing import list_dataset
-from tasks.splitting import split_manifest
-from tests_support import write_colour_images
+from tests.support import write_colour_images
+from transfer_flow.storage.errors import OutputExistsError
+from transfer_flow.storage.feature_store import read_contents, read_features
+from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
+from transfer_flow.tasks.hashing import hash_manifest
+from transfer_flow.tasks.listing import list_dataset
+from transfer_flow.tasks.splitting import split_manifest
 
 SETTINGS = dict(backbone="mobilenet_v2", weights="none", image_size=32, pooling="avg")
 
@@ -67,7 +66,7 @@ def test_broken_images_are_skipped_with_reasons_and_every_other_image_is_a_row(t
 @pytest.fixture(scope="module")
 def saved_weights(tmp_path_factory):
     """Fixed (random) weights in a file: the same numbers for every build, loaded through --weights PATH."""
-    from tasks.backbones import get_backbone
+    from transfer_flow.tasks.backbones import get_backbone
 
     path = tmp_path_factory.mktemp("weights") / "mobilenet_v2.weights.h5"
     get_backbone("mobilenet_v2").build_base((32, 32, 3), None).save_weights(path)
@@ -138,10 +137,10 @@ def test_refresh_recomputes_every_row(tmp_path, colours):
 KILLABLE_RUN = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from tasks.extraction import ExtractionSettings, extract_features
-    from tasks.hashing import hash_manifest
-    from tasks.listing import list_dataset
-    from tasks.splitting import split_manifest
+    from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
+    from transfer_flow.tasks.hashing import hash_manifest
+    from transfer_flow.tasks.listing import list_dataset
+    from transfer_flow.tasks.splitting import split_manifest
 
     manifest, _ = hash_manifest(list_dataset(Path(sys.argv[1]), seed=0))
     manifest = split_manifest(manifest, test_size=0.25, seed=0)
@@ -156,7 +155,10 @@ def test_a_killed_run_resumes_to_the_store_a_clean_run_makes(tmp_path):
         write_colour_images(data / name, colour, 60, seed=k)
     store = tmp_path / "out" / "f.h5"
     store.parent.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), str(Path(__file__).parent.parent)])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), str(Path(__file__).parent.parent)]),
+    }
     process = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, str(data), str(store)], env=env)
     parts = None
     deadline = time.monotonic() + 240

@@ -1,9 +1,9 @@
 import os
 
-from storage.manifest import Manifest
-from tasks.hashing import hash_manifest
-from tasks.listing import list_dataset
-from tests_support import write_colour_images
+from tests.support import write_colour_images
+from transfer_flow.storage.manifest import Manifest
+from transfer_flow.tasks.hashing import hash_manifest
+from transfer_flow.tasks.listing import list_dataset
 
 
 def make(tmp_path):

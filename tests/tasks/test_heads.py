@@ -4,28 +4,16 @@ import json
 import numpy as np
 import pytest
 
-from storage.errors import BundleError
-from storage.model_bundle import KERAS_HEAD_FILE, load_bundle, load_head
-from tasks.evaluation import evaluate_bundle
-from tasks.heads import class_probabilities
-from tasks.training import TrainingSettings, train_head, training_key
-from storage.feature_store import create_store, open_store
+from tests.support import STORE_ATTRS, make_separable_store
+from transfer_flow.storage.errors import BundleError
+from transfer_flow.storage.feature_store import create_store, open_store
+from transfer_flow.storage.model_bundle import KERAS_HEAD_FILE, load_bundle, load_head
+from transfer_flow.tasks.evaluation import evaluate_bundle
+from transfer_flow.tasks.heads import class_probabilities
+from transfer_flow.tasks.training import TrainingSettings, train_head, training_key
 
-ATTRS = {"backbone": "vgg16", "weights_source": "random", "image_size": 32, "pooling": "avg",
-         "precision": "float32", "preprocessing": "caffe"}
-
-
-def make_store(path, *, n_per_class=20, dim=8, names=("cat", "dog", "owl"), seed=0, attrs=ATTRS):
-    """Three well-separated clusters; every fourth row is a test row."""
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(len(names)), n_per_class)
-    rng.shuffle(labels)
-    centres = rng.normal(scale=6.0, size=(len(names), dim))
-    features = (centres[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32)
-    split = ["test" if i % 4 == 0 else "train" for i in range(len(labels))]
-    with create_store(path, feature_dim=dim, label_names=list(names), attrs=attrs) as writer:
-        writer.append(features, labels, [f"{names[l]}/{i}.png" for i, l in enumerate(labels)], split)
-    return open_store(path)
+ATTRS = STORE_ATTRS
+make_store = make_separable_store
 
 TINY = {"logreg": {}, "linear-svm": {"c_grid": [0.01, 1.0]}, "sgd": {"sgd_epochs": 5, "sgd_block_rows": 7},
         "dense": {"epochs": 40, "patience": 5}}
@@ -82,7 +70,7 @@ def test_dense_head_records_curves_and_a_swapped_keras_file_is_refused(tmp_path)
 
 
 def test_sgd_reads_the_store_in_blocks(tmp_path, monkeypatch):
-    import tasks.training as training_module
+    import transfer_flow.tasks.training as training_module
 
     store = make_store(tmp_path / "f.h5")
     sizes = []
@@ -98,7 +86,6 @@ def test_sgd_reads_the_store_in_blocks(tmp_path, monkeypatch):
 
 
 def test_bundle_against_a_store_of_another_backbone_with_the_same_width_is_refused(tmp_path):
-    from storage.feature_store import create_store
 
     training = train_head(make_store(tmp_path / "f.h5"), tmp_path / "model", TrainingSettings(c_grid=[1.0]))
     with create_store(tmp_path / "g.h5", feature_dim=8, label_names=["cat", "dog", "owl"],
@@ -124,15 +111,15 @@ def test_gap_head_pools_the_stored_map_and_round_trips(tmp_path):
 
 
 def test_gap_head_refuses_pooled_features(tmp_path):
-    from storage.errors import SettingsError
+    from transfer_flow.storage.errors import SettingsError
 
     with pytest.raises(SettingsError, match="--pooling flatten"):
         train_head(make_store(tmp_path / "f.h5"), tmp_path / "model", TrainingSettings(head="gap"))
 
 
 def test_gap_with_pooled_settings_fails_before_any_work(tmp_path, capsys):
-    from flows.cli import EXIT_USER_ERROR, main
-    from flows.settings import CompareSettings, PipelineSettings
+    from transfer_flow.flows.cli import EXIT_USER_ERROR, main
+    from transfer_flow.flows.settings import CompareSettings, PipelineSettings
 
     with pytest.raises(ValueError, match="--pooling flatten"):
         PipelineSettings(dataset=str(tmp_path), output=str(tmp_path / "out"), head="gap")

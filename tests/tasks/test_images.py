@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageOps
 
-from storage.errors import SettingsError, UnreadableImageError
-from tasks.images import decode_image, parse_image_size
+from transfer_flow.storage.errors import SettingsError, UnreadableImageError
+from transfer_flow.tasks.images import decode_image, parse_image_size
 
 running_as_root = hasattr(os, "geteuid") and os.geteuid() == 0
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -40,7 +40,9 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
     return path
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import DatasetError
-from tasks.listing import IMAGE_EXTENSIONS, list_dataset
+from transfer_flow.storage.errors import DatasetError
+from transfer_flow.tasks.listing import IMAGE_EXTENSIONS, list_dataset
 
 running_as_root = hasattr(os, "geteuid") and os.geteuid() == 0
 

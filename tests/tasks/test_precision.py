@@ -1,10 +1,15 @@
 """bfloat16 and float32 features give the same classifier accuracy on a small real set (within one point)."""
 import numpy as np
-import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from tasks.backbones import build_feature_model, cpu_supports_bf16, get_backbone, resolve_precision, resolve_weights
+from transfer_flow.tasks.backbones import (
+    build_feature_model,
+    cpu_supports_bf16,
+    get_backbone,
+    resolve_precision,
+    resolve_weights,
+)
 
 
 def test_explicit_precision_wins_and_auto_follows_the_cpu():

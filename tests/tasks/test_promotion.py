@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from storage.feature_store import create_store, open_store
-from storage.model_bundle import BundleMetadata, save_bundle
-from storage.registry import VersionEntry
-from tasks.promotion import _identities, compare, row_identities, why_not_comparable
+from transfer_flow.storage.feature_store import create_store, open_store
+from transfer_flow.storage.model_bundle import BundleMetadata, save_bundle
+from transfer_flow.storage.registry import VersionEntry
+from transfer_flow.tasks.promotion import _identities, compare, row_identities, why_not_comparable
 
 CLASSES = ["a", "b"]
 

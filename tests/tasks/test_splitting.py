@@ -3,9 +3,9 @@ from collections import Counter
 
 import pytest
 
-from storage.errors import DatasetError, SettingsError
-from storage.manifest import ImageRecord, Manifest
-from tasks.splitting import MIN_TRAIN_PER_CLASS, split_manifest
+from transfer_flow.storage.errors import DatasetError, SettingsError
+from transfer_flow.storage.manifest import ImageRecord, Manifest
+from transfer_flow.tasks.splitting import MIN_TRAIN_PER_CLASS, split_manifest
 
 
 def record(label: str, i: int, split: str | None = None, content: str | None = None) -> ImageRecord:
@@ -66,7 +66,14 @@ def test_test_size_must_be_a_fraction(bad):
 
 
 def test_folder_splits_are_kept():
-    given = {("a", 0): "train", ("a", 1): "train", ("a", 2): "test", ("b", 0): "train", ("b", 1): "train", ("b", 2): "val"}
+    given = {
+        ("a", 0): "train",
+        ("a", 1): "train",
+        ("a", 2): "test",
+        ("b", 0): "train",
+        ("b", 1): "train",
+        ("b", 2): "val",
+    }
     records = [record(label, i, split) for (label, i), split in given.items()]
     source = Manifest(root="/d", class_names=["a", "b"], records=records, folder_splits=True)
     assert [r.split for r in split_manifest(source, test_size=0.5, seed=0).records] == list(given.values())

@@ -1,26 +1,15 @@
 import numpy as np
 import pytest
 
-from storage.errors import BundleError, DatasetError
-from storage.feature_store import create_store, open_store
-from storage.model_bundle import load_head
-from tasks.evaluation import evaluate_bundle
-from tasks.training import TrainingSettings, train_head
+from tests.support import STORE_ATTRS, make_separable_store
+from transfer_flow.storage.errors import BundleError, DatasetError
+from transfer_flow.storage.feature_store import create_store, open_store
+from transfer_flow.storage.model_bundle import load_head
+from transfer_flow.tasks.evaluation import evaluate_bundle
+from transfer_flow.tasks.training import TrainingSettings, train_head
 
-ATTRS = {"backbone": "vgg16", "weights_source": "random", "image_size": 32, "pooling": "avg",
-         "precision": "float32", "preprocessing": "caffe"}
-
-
-def make_store(path, *, n_per_class=20, dim=8, split_of=None, names=("cat", "dog", "owl"), seed=0):
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(len(names)), n_per_class)
-    rng.shuffle(labels)
-    centres = rng.normal(scale=6.0, size=(len(names), dim))
-    features = (centres[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32)
-    split = [split_of(i) if split_of else ("test" if i % 4 == 0 else "train") for i in range(len(labels))]
-    with create_store(path, feature_dim=dim, label_names=list(names), attrs=ATTRS) as writer:
-        writer.append(features, labels, [f"{names[l]}/{i}.png" for i, l in enumerate(labels)], split)
-    return open_store(path)
+ATTRS = STORE_ATTRS
+make_store = make_separable_store
 
 
 def test_logreg_grid_learns_separable_features_and_reports_per_class(tmp_path):

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from deployments.watch import MARKER, STATE_FILE, InboxWatcher, snapshot
-from storage.errors import SettingsError
+from transfer_flow.storage.errors import SettingsError
+from transfer_flow.tasks.inbox import MARKER, STATE_FILE, InboxWatcher, snapshot
 
 
 class Recorder:

@@ -11,8 +11,18 @@ never announced. A ready folder is announced with one `transfer-flow.dataset.arr
 state file remembers each announcement, so a restarted watcher stays quiet about what it already
 announced; a folder whose fingerprint changes later is announced again, as a new version.
 
-Polling alternative: `flows.inbox.scan_inbox` runs one scan as a flow, on a schedule (`transfer-flow serve
+Polling alternative: `transfer_flow.flows.inbox.scan_inbox` runs one scan as a flow, on a schedule (`transfer-flow serve
 --inbox DIR`), sharing the same state file and lock.
+
+The event. The custom event that announces a dataset, and how it is sent.
+
+`transfer-flow.dataset.arrived`, about the resource `transfer-flow.dataset.<folder name>`, with the
+payload `{"path", "name", "version", "files", "bytes"}`. The `on-dataset` deployment's trigger
+matches it and templates its run parameters from the payload. Anyone can send it, not only the
+watcher (a script after an upload, `prefect event emit`...):
+
+    from transfer_flow.tasks.inbox import announce
+    announce("/data/inbox/flowers")
 """
 from __future__ import annotations
 
@@ -25,14 +35,19 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
-from storage.announcements import Announcement, AnnouncementLog, InboxState, Sighting
-from storage.errors import SettingsError, TransferFlowError
+from transfer_flow.storage.announcements import Announcement, AnnouncementLog, InboxState, Sighting
+from transfer_flow.storage.errors import SettingsError, TransferFlowError
+
+if TYPE_CHECKING:
+    from prefect.events import Event
 
 Readiness = Literal["marker", "quiet"]
+DATASET_ARRIVED = "transfer-flow.dataset.arrived"
+RESOURCE_PREFIX = "transfer-flow.dataset."
 MARKER = "_READY"
 STATE_FILE = ".transfer-flow-inbox.json"
 
@@ -167,7 +182,44 @@ class InboxWatcher:
 
 def emit_announcement(announcement: Announcement) -> None:
     """Send the announcement as a `transfer-flow.dataset.arrived` event to the Prefect server."""
-    from deployments.events import dataset_arrived, send
-
     send(dataset_arrived(announcement.path, announcement.name, announcement.version, files=announcement.files,
                          bytes=announcement.bytes, event_id=announcement.event_id))
+
+
+
+def dataset_arrived(path: str, name: str, version: str, *, files: int = 0, bytes: int = 0,
+                    event_id: str | None = None) -> "Event":
+    from prefect.events import Event  # imported when used: `transfer-flow --help` need not load Prefect
+
+    payload: dict[str, Any] = {"path": path, "name": name, "version": version, "files": files, "bytes": bytes}
+    return Event(
+        id=uuid.UUID(event_id) if event_id else uuid.uuid4(),
+        event=DATASET_ARRIVED,
+        resource={"prefect.resource.id": f"{RESOURCE_PREFIX}{name}", "prefect.resource.name": name,
+                  "transfer-flow.dataset.version": version},
+        payload=payload,
+    )
+
+
+def send(event: "Event") -> None:
+    """Send one event and return once the server has received it (a websocket round trip)."""
+    from prefect.events.clients import get_events_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def _send() -> None:
+        # checkpoint_every=1: after sending, ping and wait for the pong, so the event is known delivered.
+        async with get_events_client(reconnection_attempts=3, checkpoint_every=1) as client:
+            await client.emit(event)
+
+    run_coro_as_sync(_send())
+
+
+def announce(folder: str | Path, *, version: str | None = None) -> "Event":
+    """Announce a dataset folder by hand (no watcher, no state): one event, sent now."""
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise SettingsError(f"Dataset folder {folder} does not exist or is not a folder")
+    snap = snapshot(folder)
+    event = dataset_arrived(str(folder), folder.name, version or snap.version, files=snap.files, bytes=snap.bytes)
+    send(event)
+    return event

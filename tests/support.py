@@ -1,0 +1,100 @@
+"""Helpers shared by test modules (fixtures live in conftest.py): fast settings, images, stores, HTML checks."""
+
+from __future__ import annotations
+
+import base64
+from html.parser import HTMLParser
+from pathlib import Path
+from xml.etree import ElementTree
+
+import numpy as np
+from PIL import Image
+
+# The cheapest real pipeline: a random-weight MobileNetV2 on 32-pixel images (no download, seconds per run).
+FAST = {"backbone": "mobilenet_v2", "weights": "none", "image_size": 32, "batch_size": 8}
+
+# Extraction attributes a store written by a real run carries; heads and evaluation read them.
+STORE_ATTRS = {
+    "backbone": "vgg16",
+    "weights_source": "random",
+    "image_size": 32,
+    "pooling": "avg",
+    "precision": "float32",
+    "preprocessing": "caffe",
+}
+
+
+def write_colour_images(folder: Path, colour: tuple[int, int, int], count: int, seed: int, size: int = 40) -> None:
+    """`count` noisy images of one colour, alternating JPEG and PNG."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        noise = rng.integers(-25, 26, size=(size, size, 3))
+        pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:03d}.{'png' if i % 2 else 'jpg'}")
+
+
+def make_separable_store(
+    path, *, n_per_class=20, dim=8, names=("cat", "dog", "owl"), seed=0, attrs=STORE_ATTRS, split_of=None
+):
+    """Three well-separated clusters; every fourth row is a test row unless `split_of(i)` says otherwise.
+
+    The backend follows the suffix of `path` (.h5 or .zarr)."""
+    from transfer_flow.storage.feature_store import create_store, open_store
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(names)), n_per_class)
+    rng.shuffle(labels)
+    centres = rng.normal(scale=6.0, size=(len(names), dim))
+    features = (centres[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32)
+    split = [split_of(i) if split_of else ("test" if i % 4 == 0 else "train") for i in range(len(labels))]
+    with create_store(path, feature_dim=dim, label_names=list(names), attrs=attrs) as writer:
+        writer.append(features, labels, [f"{names[label]}/{i}.png" for i, label in enumerate(labels)], split)
+    return open_store(path)
+
+
+VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+
+class Checker(HTMLParser):
+    """Tags balanced and properly nested; every src/href collected."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.sources, self.links = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "src" in attrs:
+            self.sources.append(attrs["src"])
+        if "href" in attrs:
+            self.links.append(attrs["href"])
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):  # <img/>: opens and closes itself
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID:
+            self.stack.pop()
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+
+def check_html(text):
+    """A self-contained report: tags balanced and nested, every picture a PNG data URI, nothing external."""
+    checker = Checker()
+    checker.feed(text)
+    checker.close()
+    assert text.startswith("<!DOCTYPE html>")
+    assert not checker.errors and not checker.stack, (checker.errors, checker.stack)
+    assert checker.sources and all(s.startswith("data:image/png;base64,") for s in checker.sources)
+    for source in checker.sources:
+        assert base64.b64decode(source.split(",", 1)[1])[:4] == b"\x89PNG"
+    assert not checker.links  # nothing to fetch, nothing to follow
+    root = ElementTree.fromstring(text.removeprefix("<!DOCTYPE html>"))  # also well-formed XML
+    assert root.tag == "html" and [img.get("src") for img in root.iter("img")] == checker.sources
+    return checker
