@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from transfer_flow.flows.options import add_pipeline_options
+from transfer_flow.flows.options import add_pipeline_options, given_settings
 from transfer_flow.storage.errors import SettingsError
 
 _HOME_HELP = (
@@ -22,7 +22,7 @@ _HOME_HELP = (
 
 def add_deployment_commands(subparsers) -> None:
     """Add `server`, `serve` and `watch` to the `transfer-flow` subcommands."""
-    from transfer_flow.deployments.definitions import NIGHTLY
+    from transfer_flow.deployments.definitions import NIGHTLY, SERVE_EXCLUDED
     from transfer_flow.flows.prefect_api import DEFAULT_HOST, DEFAULT_PORT
     from transfer_flow.tasks.inbox import MARKER, STATE_FILE
 
@@ -75,7 +75,9 @@ def add_deployment_commands(subparsers) -> None:
                        help="runs executed at once; more wait their turn (default: %(default)s)")
     serve.add_argument("--register-only", action="store_true",
                        help="register or update the deployments and exit; their runs wait until `serve` runs again")
-    add_pipeline_options(serve)
+    # Every pipeline option becomes the deployments' default; those that cannot apply are not offered:
+    # each deployment sets its own output, and unattended runs always wait for a run writing the same output.
+    add_pipeline_options(serve, exclude=SERVE_EXCLUDED)
     serve.set_defaults(handler=_serve)
 
     watch = subparsers.add_parser(
@@ -129,15 +131,14 @@ def _check_server() -> str:
 def serve_options(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from transfer_flow.deployments.definitions import ServeOptions
+    from transfer_flow.deployments.definitions import SERVE_EXCLUDED, ServeOptions
+    from transfer_flow.flows.settings import PipelineSettings
 
     if args.dataset and not Path(args.dataset).expanduser().is_dir():
         raise SettingsError(f"--dataset {args.dataset} does not exist or is not a folder")
     if args.inbox and not Path(args.inbox).expanduser().is_dir():
         raise SettingsError(f"--inbox {args.inbox} does not exist or is not a folder")
-    pipeline = {"backbone": args.backbone, "weights": args.weights, "image_size": args.image_size,
-                "pooling": args.pooling, "precision": args.precision, "batch_size": args.batch_size,
-                "test_size": args.test_size, "seed": args.seed, "refresh": args.refresh}
+    pipeline = {k: v for k, v in given_settings(args, PipelineSettings).items() if k not in SERVE_EXCLUDED}
     given = {"home": _home(args), "registry": args.registry, "runs": args.runs, "dataset": args.dataset,
              "cron": args.cron, "metric": args.metric, "margin": args.margin, "pipeline": pipeline,
              "inbox": args.inbox, "poll_seconds": args.poll_every}
@@ -147,8 +148,7 @@ def serve_options(args: argparse.Namespace):
         options = ServeOptions(**given)
         options.pipeline_defaults()
     except ValidationError as error:
-        raise SettingsError("; ".join(f"--{'-'.join(str(p) for p in e['loc'] if p != 'pipeline').replace('_', '-')}: "
-                                      f"{e['msg']}" for e in error.errors())) from None
+        raise SettingsError.from_validation_error(error, nested={"pipeline"}) from None
     return options
 
 

@@ -25,9 +25,10 @@ from transfer_flow.tasks.inbox import DATASET_ARRIVED, RESOURCE_PREFIX, Readines
 
 NIGHTLY = "0 2 * * *"
 TAGS = ["transfer-flow"]
-# What the PipelineSettings form may be given as defaults here (dataset and output are set per deployment).
-PIPELINE_DEFAULT_KEYS = ("backbone", "weights", "image_size", "pooling", "precision", "batch_size", "test_size", "seed",
-                         "refresh")
+# PipelineSettings fields a deployment sets itself: every other field is a default `serve` passes on.
+# The dataset and output are per deployment; unattended runs always wait (UNATTENDED) and never overwrite
+# what is not their own.
+SERVE_EXCLUDED = frozenset({"dataset", "output", "overwrite", "wait"})
 # Scheduled and triggered runs queue behind a run writing the same output folder instead of failing.
 UNATTENDED = {"wait": True}
 
@@ -96,11 +97,12 @@ class ServeOptions(BaseModel):
     @field_validator("pipeline")
     @classmethod
     def _known_pipeline_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(value) - set(PIPELINE_DEFAULT_KEYS))
+        from transfer_flow.flows.settings import PipelineSettings
+
+        allowed = set(PipelineSettings.model_fields) - SERVE_EXCLUDED
+        unknown = sorted(set(value) - allowed)
         if unknown:
-            raise ValueError(
-                f"Expected pipeline defaults among {', '.join(PIPELINE_DEFAULT_KEYS)}, got {', '.join(unknown)}"
-            )
+            raise ValueError(f"Expected pipeline defaults among {', '.join(sorted(allowed))}, got {', '.join(unknown)}")
         return value
 
     @property
@@ -119,7 +121,7 @@ class ServeOptions(BaseModel):
         from transfer_flow.flows.settings import PipelineSettings
 
         checked = PipelineSettings.model_validate({"dataset": ".", "output": ".", **self.pipeline})
-        return checked.model_dump(include=set(PIPELINE_DEFAULT_KEYS))
+        return checked.model_dump(mode="json", exclude=set(SERVE_EXCLUDED))
 
 
 def retrain_deployment(options: ServeOptions):

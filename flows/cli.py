@@ -8,13 +8,18 @@ import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 
-from transfer_flow.flows.options import add_pipeline_options
-from transfer_flow.storage.errors import TransferFlowError
+from transfer_flow.flows.options import add_pipeline_options, add_settings_options, given_settings
+from transfer_flow.flows.settings import CompareSettings, PipelineSettings, PredictionSettings
+from transfer_flow.storage.errors import SettingsError, TransferFlowError
+from transfer_flow.tasks.training import HeadName
 
 EXIT_USER_ERROR = 2
+# Settings fields given as positional arguments, named in errors as the usage line shows them.
+POSITIONAL_NAMES = {"dataset": "DATASET", "bundle": "BUNDLE", "paths": "PATH"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,15 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         "write a report.",
     )
     run.add_argument("dataset", metavar="DATASET", help="folder with one sub-folder per class")
-    run.add_argument("--output", "-o", required=True, metavar="DIR",
-                     help="folder for features.h5, manifest.json, model/, report/ and run.json")
     add_pipeline_options(run)
     run.set_defaults(handler=_run)
-    run.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace outputs in DIR that are not from an earlier run on DATASET (those are updated anyway)",
-    )
 
     demo = commands.add_parser(
         "demo",
@@ -51,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR/dataset, then run the pipeline into DIR/run (a second demo reuses the first's work).",
     )
     demo.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="default: %(default)s")
-    add_pipeline_options(demo)
+    add_pipeline_options(demo, exclude={"output", "overwrite"})  # the demo writes only its own folder
     demo.set_defaults(handler=_demo)
 
     compare = commands.add_parser(
@@ -60,16 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "--heads on them (DIR/heads/HEAD/model and report), and write DIR/comparison.csv and "
                     "comparison.md: accuracy, macro F1 and training seconds side by side.")
     compare.add_argument("dataset", metavar="DATASET", help="folder with one sub-folder per class")
-    compare.add_argument(
-        "--output", "-o", required=True, metavar="DIR", help="folder for the store, heads/ and the table"
-    )
-    compare.add_argument("--heads", default="logreg,linear-svm,dense", metavar="H1,H2,...",
-                         help="comma-separated heads from logreg, linear-svm, sgd, dense, gap (gap needs --pooling "
-                              "flatten) (default: %(default)s)")
-    add_pipeline_options(compare, head=False)
+    compare.add_argument("--heads", metavar="H1,H2,...", type=_comma_list, default=argparse.SUPPRESS,
+                         help=f"comma-separated heads from {', '.join(get_args(HeadName))} (default: "
+                              f"{','.join(CompareSettings.model_fields['heads'].get_default(call_default_factory=True))})")
+    add_pipeline_options(compare, exclude={"head"})
     compare.set_defaults(handler=_compare)
-    compare.add_argument("--overwrite", action="store_true",
-                         help="replace outputs in DIR that are not from an earlier run on DATASET")
 
     predict = commands.add_parser(
         "predict", help="label new images with a trained bundle",
@@ -79,14 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "confidence_2 … up to --top-k, then error.")
     predict.add_argument("bundle", metavar="BUNDLE", help="model bundle folder, or a run's output folder")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (recursed)")
-    predict.add_argument("--output", "-o", metavar="CSV", help="write the CSV here (default: print it)")
-    predict.add_argument(
-        "--top-k", type=int, default=3, metavar="K", help="labels per image, best first (default: %(default)s)"
-    )
-    predict.add_argument(
-        "--batch-size", type=int, default=32, metavar="N", help="images per inference call (default: %(default)s)"
-    )
-    predict.add_argument("--overwrite", action="store_true", help="replace an existing --output CSV")
+    add_settings_options(predict, PredictionSettings, exclude={"bundle", "paths"}, metavars={"output": "CSV"})
     predict.set_defaults(handler=_predict)
 
     backbones = commands.add_parser(
@@ -103,21 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace, dataset: str, output: str, overwrite: bool, **extra):
-    from transfer_flow.flows.settings import CompareSettings, PipelineSettings
-
-    model = CompareSettings if "heads" in extra else PipelineSettings
-    if "heads" not in extra:
-        extra["head"] = args.head
-    return model(dataset=dataset, output=output, backbone=args.backbone, weights=args.weights,
-                            image_size=args.image_size, pooling=args.pooling, precision=args.precision,
-                            batch_size=args.batch_size, test_size=args.test_size, seed=args.seed, overwrite=overwrite,
-                            refresh=args.refresh, wait=args.wait, workers=args.workers, dask_address=args.dask_address,
-                            store=args.store, feature_dtype=args.feature_dtype, **extra)
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _run(args: argparse.Namespace) -> int:
-    return _run_pipeline(_settings(args, args.dataset, args.output, args.overwrite))
+    return _run_pipeline(PipelineSettings.model_validate(given_settings(args, PipelineSettings)))
 
 
 def _run_pipeline(settings) -> int:
@@ -140,14 +117,14 @@ def _demo(args: argparse.Namespace) -> int:
     root = Path(args.output)
     dataset = write_digits_dataset(root / "dataset")
     # A second demo into the same folder updates the first (a warm rerun: nothing is re-extracted).
-    return _run_pipeline(_settings(args, str(dataset), str(root / "run"), overwrite=False))
+    settings = given_settings(args, PipelineSettings, dataset=str(dataset), output=str(root / "run"))
+    return _run_pipeline(PipelineSettings.model_validate(settings))
 
 
 def _compare(args: argparse.Namespace) -> int:
     from transfer_flow.flows.compare import compare_heads
 
-    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
-    summary = compare_heads(_settings(args, args.dataset, args.output, args.overwrite, heads=heads))
+    summary = compare_heads(CompareSettings.model_validate(given_settings(args, CompareSettings)))
     print()
     print(Path(summary.table_markdown).read_text(encoding="utf-8"))
     print(f"table:   {summary.table_csv}")
@@ -156,11 +133,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from transfer_flow.flows.predict import batch_prediction
-    from transfer_flow.flows.settings import PredictionSettings
     from transfer_flow.storage.predictions import predictions_csv_text
 
-    settings = PredictionSettings(bundle=args.bundle, paths=args.paths, output=args.output, top_k=args.top_k,
-                                  batch_size=args.batch_size, overwrite=args.overwrite)
+    settings = PredictionSettings.model_validate(given_settings(args, PredictionSettings))
     summary = batch_prediction(settings)
     if settings.output is None:
         sys.stdout.write(predictions_csv_text([r.csv_row(settings.top_k) for r in summary.rows], settings.top_k))
@@ -204,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TransferFlowError, ValidationError) as error:
         if args.debug:
             raise
-        message = str(error) if isinstance(error, TransferFlowError) else _validation_message(error)
+        if isinstance(error, ValidationError):
+            error = SettingsError.from_validation_error(error, positional=POSITIONAL_NAMES)
+        message = str(error)
         print(f"transfer-flow: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
@@ -233,11 +210,6 @@ def _prefect_api(command: str):
     print(f"transfer-flow: using the Prefect server at {url} (set PREFECT_API_URL to choose another)", file=sys.stderr)
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield
-
-
-def _validation_message(error: ValidationError) -> str:
-    return "; ".join((f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: " if e["loc"] else "")
-                     + e["msg"].removeprefix("Value error, ") for e in error.errors())
 
 
 if __name__ == "__main__":

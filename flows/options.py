@@ -1,57 +1,107 @@
-"""The pipeline's command-line options, shared by every command that runs or serves the pipeline."""
+"""Command-line options derived from the pydantic settings models: one declaration of each option.
+
+A field of PipelineSettings (or PredictionSettings...) becomes `--field-name`; its type gives the parser's
+type, its `Literal` the choices, its description the help, its default the shown default. Only the flags a
+user gives reach the model (argparse.SUPPRESS), so pydantic's defaults and validation are the only ones.
+`transfer-flow run`, `demo`, `compare`, `predict`, `serve` and the UI form all read the same fields.
+"""
+
 from __future__ import annotations
 
 import argparse
+import types
+from collections.abc import Collection
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+# Presentation only: how a value is written on the command line where the type alone says too little.
+METAVARS = {
+    "backbone": "NAME",
+    "weights": "imagenet|none|PATH",
+    "dask_address": "tcp://HOST:PORT",
+    "output": "DIR",
+    "refresh": "STAGE",
+}
+SHORT_FLAGS = {"output": "-o"}
+TYPE_METAVARS = {int: "N", float: "F", str: "VALUE"}
 
 
-def add_pipeline_options(parser: argparse.ArgumentParser, *, head: bool = True) -> None:
+def flag(name: str) -> str:
+    """The command-line spelling of a settings field: `image_size` → `--image-size`."""
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """`int | None` → int (an empty value means "the default"); other annotations unchanged."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        present = [a for a in get_args(annotation) if a is not type(None)]
+        if len(present) == 1:
+            return present[0]
+    return annotation
+
+
+def _help(field: FieldInfo, shown_default: Any) -> str:
+    text = (field.description or "").rstrip(".").replace("%", "%%")
+    if shown_default not in (None, [], False):
+        text += f" (default: {shown_default})"
+    return text
+
+
+def add_settings_options(
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    *,
+    exclude: Collection[str] = (),
+    metavars: dict[str, str] | None = None,
+) -> None:
+    """Add one flag per field of `model` (except `exclude`, which the command declares itself)."""
+    metavars = {**METAVARS, **(metavars or {})}
+    fields = sorted(model.model_fields.items(), key=lambda item: not item[1].is_required())  # required first
+    for name, field in fields:
+        if name in exclude:
+            continue
+        annotation = _unwrap_optional(field.annotation)
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(field, default)}
+        if field.is_required():
+            kwargs["required"] = True
+        if annotation is bool:
+            kwargs["action"] = "store_true"
+        elif get_origin(annotation) is list:
+            (item,) = get_args(annotation)
+            kwargs["action"] = "append"
+            kwargs["help"] += "; repeatable"
+            if get_origin(item) is Literal:
+                kwargs["choices"] = get_args(item)
+            else:
+                kwargs["type"] = item
+            kwargs["metavar"] = metavars.get(name, TYPE_METAVARS.get(item, "VALUE"))
+        elif get_origin(annotation) is Literal:
+            kwargs["choices"] = get_args(annotation)
+            if name in metavars:  # a long list of choices reads better in the help text than in the usage line
+                kwargs["metavar"] = metavars[name]
+                kwargs["help"] = f"{kwargs['help']}; one of {', '.join(kwargs['choices'])}"
+        else:
+            kwargs["type"] = annotation
+            kwargs["metavar"] = metavars.get(name, TYPE_METAVARS.get(annotation, "VALUE"))
+        flags = [flag(name), *([SHORT_FLAGS[name]] if name in SHORT_FLAGS else [])]
+        parser.add_argument(*flags, **kwargs)
+
+
+def given_settings(args: argparse.Namespace, model: type[BaseModel], **fixed: Any) -> dict[str, Any]:
+    """The fields of `model` that the command line set (plus `fixed`), for `model.model_validate`."""
+    return {**{k: v for k, v in vars(args).items() if k in model.model_fields}, **fixed}
+
+
+# What a pipeline command does not take as a flag: the dataset is positional; `wait` and `overwrite` are
+# declared per command (`serve` runs unattended and always waits; `demo` writes only its own folder).
+PIPELINE_POSITIONAL = {"dataset"}
+
+
+def add_pipeline_options(parser: argparse.ArgumentParser, *, exclude: Collection[str] = ()) -> None:
+    """The pipeline's options (every field of PipelineSettings but the dataset) on a command."""
     from transfer_flow.flows.settings import PipelineSettings
-    from transfer_flow.tasks.backbones import BACKBONES
 
-    fields = PipelineSettings.model_fields
-    parser.add_argument("--backbone", choices=sorted(BACKBONES), default=fields["backbone"].default,
-                        help="pretrained CNN (default: %(default)s; see `transfer-flow backbones`)")
-    parser.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
-                        help="imagenet: Keras cache, then an installed offline package, then download; "
-                             "none: random init; PATH: a .weights.h5/.h5 file (default: %(default)s)")
-    parser.add_argument(
-        "--image-size", type=int, metavar="N", help="square input side (default: the backbone's native size)"
-    )
-    parser.add_argument("--pooling", choices=["flatten", "avg", "max"], default=fields["pooling"].default,
-                        help="flatten is the classic recipe (VGG16 at 224: 25,088-d); default: %(default)s")
-    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
-                        help="compute precision (default: the backbone's fastest measured; see BENCHMARKS.md)")
-    if head:
-        parser.add_argument("--head", choices=["logreg", "linear-svm", "sgd", "dense", "gap"],
-                            default=fields["head"].default,
-                            help="classifier: logreg or linear-svm (grid over C, cross-validated), sgd (out of core: "
-                                 "reads the store in blocks), dense (Keras Dense 256 + Dropout 0.5, early stopping), "
-                                 "gap (global average pooling inside a Keras head; needs --pooling flatten) "
-                                 "(default: %(default)s)")
-    parser.add_argument("--store", choices=["hdf5", "zarr"], default=fields["store"].default,
-                        help="feature store: hdf5 (DIR/features.h5, the classic layout) or zarr (DIR/features.zarr) "
-                             "(default: %(default)s)")
-    parser.add_argument("--feature-dtype", choices=["float32", "float16"], default=fields["feature_dtype"].default,
-                        help="stored feature precision; float16 halves the bytes (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=fields["batch_size"].default, metavar="N",
-                        help="images per inference call (default: %(default)s)")
-    parser.add_argument("--test-size", type=float, default=fields["test_size"].default, metavar="F",
-                        help="fraction of each class held out (default: %(default)s; train/ and test/ folders win)")
-    parser.add_argument("--seed", type=int, default=fields["seed"].default, metavar="N",
-                        help="seed of shuffle, split and cross-validation (default: %(default)s)")
-    parser.add_argument(
-        "--refresh",
-        action="append",
-        default=[],
-        metavar="STAGE",
-        choices=["hash", "extract", "train", "report", "all"],
-        help="recompute STAGE (hash, extract, train, report or all) even if its cache is valid; repeatable",
-    )
-    parser.add_argument("--workers", type=int, default=0, metavar="N",
-                        help="extract on a local Dask cluster of N worker processes (default: in this process, "
-                             "the fastest on one small machine)")
-    parser.add_argument("--dask-address", metavar="tcp://HOST:PORT",
-                        help="extract on an existing Dask cluster (dask-jobqueue, Kubernetes, dask-cuda); workers "
-                             "need transfer-flow installed and the same paths")
-    parser.add_argument("--wait", action="store_true",
-                        help="if another run is writing to the same output, wait for it instead of failing")
+    add_settings_options(parser, PipelineSettings, exclude={*PIPELINE_POSITIONAL, *exclude})

@@ -6,36 +6,20 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from transfer_flow.tasks.backbones import BACKBONES, DEFAULT_BACKBONE, Pooling, Precision
 from transfer_flow.tasks.extraction import ExtractionSettings
 from transfer_flow.tasks.training import HeadName, TrainingSettings
 
-BackboneName = Literal[tuple(BACKBONES)]  # an enum in the UI form
 RefreshStage = Literal["hash", "extract", "train", "report", "all"]
 
 
-class PipelineSettings(BaseModel):
-    """Settings of one run: dataset in, feature store + model + report out."""
+class PipelineSettings(ExtractionSettings):
+    """Settings of one run: dataset in, feature store + model + report out.
+
+    The extraction fields (backbone ... feature_dtype) are ExtractionSettings'; CLI flags, `serve`'s
+    deployment parameters and the Prefect UI form are all derived from this model (flows/options.py)."""
 
     dataset: str = Field(description="Folder with one sub-folder per class (train/ and test/ honoured when present).")
-    output: str = Field(description="Folder for features.h5, model/, report/ and run.json.")
-    backbone: BackboneName = Field(
-        default=DEFAULT_BACKBONE, description="Pretrained CNN used as a fixed feature extractor."
-    )
-    weights: str = Field(
-        default="imagenet",
-        description="imagenet (offline sources first), none (random init), or a path to a .h5 weights file.",
-    )
-    image_size: int | None = Field(
-        default=None, ge=16, description="Square input side in pixels; empty: the backbone's native size."
-    )
-    pooling: Pooling = Field(
-        default="avg", description="flatten (the classic recipe), avg or max over the last feature map."
-    )
-    precision: Precision | None = Field(
-        default=None, description="Compute precision; empty: the backbone's fastest measured default."
-    )
-    batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
+    output: str = Field(description="Folder for the feature store, manifest.json, model/, report/ and run.json.")
     head: HeadName = Field(
         default="logreg",
         description="Classifier on the features: logreg, linear-svm (grids over C), sgd (out of core), "
@@ -45,9 +29,6 @@ class PipelineSettings(BaseModel):
         default="hdf5",
         description="Feature store format: HDF5 (classic layout, one file) "
         "or zarr (a folder; parallel writes, dask/xarray).",
-    )
-    feature_dtype: Literal["float32", "float16"] = Field(
-        default="float32", description="How features are stored; float16 halves the bytes."
     )
     test_size: float = Field(
         default=0.25,
@@ -104,9 +85,7 @@ class PipelineSettings(BaseModel):
         return self
 
     def extraction(self) -> ExtractionSettings:
-        return ExtractionSettings(backbone=self.backbone, weights=self.weights, image_size=self.image_size,
-                                  pooling=self.pooling, precision=self.precision, batch_size=self.batch_size,
-                                  feature_dtype=self.feature_dtype)
+        return ExtractionSettings.model_validate(self.model_dump(include=set(ExtractionSettings.model_fields)))
 
     def training(self, head: HeadName | None = None) -> TrainingSettings:
         return TrainingSettings(head=head or self.head, seed=self.seed)

@@ -132,6 +132,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 # Real ImageNet features with no network: the Lite weights install from the package index.
 DEFAULT_BACKBONE = "efficientnet_lite0"
+BackboneName = Literal[tuple(BACKBONES)]  # an enum in the UI form and the CLI choices
 
 
 def get_backbone(name: str) -> BackboneSpec:

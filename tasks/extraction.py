@@ -25,6 +25,8 @@ from transfer_flow.storage.feature_store import (
 from transfer_flow.storage.manifest import ImageRecord, Manifest
 from transfer_flow.storage.row_cache import RowCache
 from transfer_flow.tasks.backbones import (
+    DEFAULT_BACKBONE,
+    BackboneName,
     Pooling,
     Precision,
     ResolvedWeights,
@@ -38,18 +40,27 @@ from transfer_flow.tasks.logs import stage_logger
 
 
 class ExtractionSettings(BaseModel):
-    """Everything that decides the values of a feature row."""
+    """Everything that decides the values of a feature row (PipelineSettings inherits these fields)."""
 
-    backbone: str = Field(description="Backbone name (see `transfer-flow backbones`).")
+    backbone: BackboneName = Field(
+        default=DEFAULT_BACKBONE,
+        description="Pretrained CNN used as a fixed feature extractor (see `transfer-flow backbones`).",
+    )
     weights: str = Field(
-        default="imagenet", description="imagenet (resolved offline first), none (random), or a .h5 path."
+        default="imagenet",
+        description="imagenet (Keras cache, then an installed offline package, then download), none (random init), "
+        "or the path of a .weights.h5/.h5 file.",
     )
     image_size: int | None = Field(
-        default=None, ge=16, description="Square input side in pixels; default: the backbone's native size."
+        default=None, ge=16, description="Square input side in pixels; empty: the backbone's native size."
     )
-    pooling: Pooling = Field(default="avg", description="How the last feature map becomes a vector.")
+    pooling: Pooling = Field(
+        default="avg",
+        description="How the last feature map becomes a vector: flatten (the classic recipe; VGG16 at 224: 25,088-d), "
+        "avg or max.",
+    )
     precision: Precision | None = Field(
-        default=None, description="Compute precision; default: the backbone's fastest measured here."
+        default=None, description="Compute precision; empty: the backbone's fastest measured (see BENCHMARKS.md)."
     )
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
     feature_dtype: Literal["float32", "float16"] = Field(

@@ -97,6 +97,51 @@ def test_serve_register_only_registers_under_the_current_api(prefect_api, colour
     assert "on event transfer-flow.dataset.arrived" in out
 
 
+# A value other than the default for every pipeline option `serve` offers; adding a field to PipelineSettings
+# without one here fails the test below, so a new option cannot be dropped on its way to the deployments.
+SERVE_PIPELINE_VALUES = {
+    "backbone": "mobilenet_v2", "weights": "none", "image_size": 48, "pooling": "max", "precision": "float32",
+    "batch_size": 7, "feature_dtype": "float16", "head": "linear-svm", "store": "zarr", "test_size": 0.3, "seed": 7,
+    "refresh": ["train"], "workers": 2, "dask_address": "tcp://127.0.0.1:8786", "shard_images": 64,
+}
+
+
+def test_serve_passes_every_pipeline_option_to_every_deployment(prefect_api, colour_dataset, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from transfer_flow.deployments.definitions import SERVE_EXCLUDED
+    from transfer_flow.flows.options import flag
+    from transfer_flow.flows.settings import PipelineSettings
+
+    assert set(SERVE_PIPELINE_VALUES) == set(PipelineSettings.model_fields) - SERVE_EXCLUDED
+    argv = ["serve", "--register-only", "--home", str(tmp_path), "--dataset", str(colour_dataset)]
+    for name, value in SERVE_PIPELINE_VALUES.items():
+        for item in value if isinstance(value, list) else [value]:
+            argv += [flag(name), str(item)]
+    args = parser().parse_args(argv)
+    assert args.handler(args) == 0
+
+    async def registered_settings():
+        async with get_client() as client:
+            retrain = await client.read_deployment_by_name("train-and-promote/retrain")
+            on_dataset = await client.read_deployment_by_name("train-and-promote/on-dataset")
+            on_demand = await client.read_deployment_by_name("transfer-learning/on-demand")
+            [automation] = await client.read_resource_related_automations(f"prefect.deployment.{on_dataset.id}")
+            return {"retrain": retrain.parameters["settings"], "on-dataset": on_dataset.parameters["settings"],
+                    "on-demand": on_demand.parameters["settings"],
+                    "on-dataset trigger": automation.actions[0].parameters["settings"]}
+
+    for deployment, settings in asyncio.run(registered_settings()).items():
+        assert {k: settings.get(k) for k in SERVE_PIPELINE_VALUES} == SERVE_PIPELINE_VALUES, deployment
+
+
+@pytest.mark.parametrize("option", [["--wait"], ["--overwrite"], ["--output", "x"]])
+def test_serve_refuses_options_that_cannot_apply_to_a_deployment(option, capsys):
+    with pytest.raises(SystemExit) as refused:
+        parser().parse_args(["serve", *option])
+    assert refused.value.code == 2 and f"unrecognized arguments: {' '.join(option)}" in capsys.readouterr().err
+
+
 @pytest.fixture
 def real_server(tmp_path):
     """`transfer-flow server` on a free loopback port, stopped with Ctrl-C (SIGINT) afterwards."""
@@ -176,10 +221,12 @@ def test_server_serve_inspect_and_a_triggered_run_on_a_real_server(real_server, 
         deadline = time.monotonic() + 60
         runs = []
         while not runs and time.monotonic() < deadline:
+            # The triggered run, not the retrain schedule's runs (same dataset, output RUNS/retrain).
             runs = [
                 r
                 for r in asyncio.run(_flow_runs())
                 if r.parameters.get("settings", {}).get("dataset") == str(colour_dataset)
+                and r.state_type != "SCHEDULED"
             ]
             time.sleep(0.5)
     assert len(runs) == 1 and runs[0].parameters["settings"]["output"] == f"{tmp_path / 'home'}/runs/colours"
