@@ -18,6 +18,16 @@ from tests.support import write_colour_images  # noqa: E402
 CLASS_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
+# A test that uses one of these needs a Prefect server: it is `slow` (`make test-fast` leaves it out).
+SERVER_FIXTURES = {"prefect_api", "real_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real (temporary) Prefect API for every test that runs a flow; started once, ~20 s."""
