@@ -7,13 +7,12 @@ recognises as a duplicate. Deleting the state file makes every dataset in the in
 from __future__ import annotations
 
 import contextlib
-import fcntl
 from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from transfer_flow.storage.atomic import write_text
+from transfer_flow.storage.atomic import file_lock, write_text
 
 
 class Sighting(BaseModel):
@@ -60,10 +59,5 @@ class AnnouncementLog:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """An OS lock beside the state file (a watcher and a polling flow on one inbox take turns)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            yield

@@ -1,18 +1,19 @@
 """Atomic writes: write under a temporary name in the target's folder, then rename into place.
 
 A reader never sees a half-written file under its final name, and a crash leaves only a
-temporary file that the next write ignores.
+temporary file that the next write ignores. `file_lock` keeps two writers of one place apart.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 @contextlib.contextmanager
@@ -44,7 +45,7 @@ def temp_dir_beside(target: Path, *, overwrite: bool = False) -> Path:
         raise FileExistsError(f"{target} already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a renamed-in directory should look like any other
+    chmod_as_new(tmp)  # a renamed-in directory should look like any other
     return tmp
 
 
@@ -63,10 +64,33 @@ def rename_into_place(work: Path, target: Path, *, overwrite: bool = False) -> N
         os.replace(work, target)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it): what a new file's mode would be masked with."""
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+def chmod_as_new(path: Path) -> None:
+    """Give a `mkdtemp` directory (0700) the mode any new directory gets, before it is renamed into view."""
+    Path(path).chmod(0o777 & ~umask())
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, wait: bool = True) -> Iterator[IO[str]]:
+    """Hold an exclusive OS lock on `path` (created if missing) and yield its open handle.
+
+    An flock dies with its process, so a killed holder never leaves a stale lock. With `wait=False`
+    a lock held elsewhere raises BlockingIOError at once; the handle lets the caller note who holds it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        try:
+            yield handle
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_text(target: Path, text: str, *, overwrite: bool = True) -> Path:

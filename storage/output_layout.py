@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from transfer_flow.storage.atomic import file_lock
 from transfer_flow.storage.errors import OutputExistsError, OutputLockedError
 
 LOCK_FILE = ".transfer-flow.lock"
@@ -74,13 +74,11 @@ class OutputLayout(BaseModel):
         An OS lock (flock) dies with its process, so a killed run never leaves a stale lock.
         """
         root = Path(self.root)
-        root.mkdir(parents=True, exist_ok=True)
-        with open(root / LOCK_FILE, "a+") as handle:
+        with contextlib.ExitStack() as stack:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                handle = stack.enter_context(file_lock(root / LOCK_FILE, wait=wait))
             except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
+                holder = (root / LOCK_FILE).read_text().strip() or "another process"
                 raise OutputLockedError(f"{root} is being written by {holder}; wait for it to finish "
                                         "(or pass --wait to queue behind it)") from None
             handle.seek(0)
@@ -92,7 +90,6 @@ class OutputLayout(BaseModel):
                 yield
             finally:
                 handle.truncate(0)
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _remove_stale_temporaries(self) -> None:
         """Temporaries of a killed run (atomic writes never completed); only called under the lock."""

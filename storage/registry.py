@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
@@ -35,7 +34,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from transfer_flow.storage.atomic import write_json, write_text
+from transfer_flow.storage.atomic import chmod_as_new, file_lock, write_json, write_text
 from transfer_flow.storage.errors import BundleError
 from transfer_flow.storage.model_bundle import ModelBundle, load_bundle, load_head
 
@@ -183,13 +182,8 @@ class ModelRegistry:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the registry's lock (an OS lock: it dies with its process, never goes stale)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(self.root / ".lock"):
+            yield
 
     def register(self, bundle_dir: Path, report_dir: Path | None, *, dataset: str, run_output: str,
                  metrics: dict[str, float], n_test: int, train_rows: Sequence[str]) -> tuple[VersionEntry, bool]:
@@ -222,7 +216,7 @@ class ModelRegistry:
                     metrics={k: float(metrics[k]) for k in ("accuracy", "macro_f1")}, n_test=int(n_test),
                 )
                 (tmp / "entry.json").write_text(entry.model_dump_json(indent=2) + "\n", encoding="utf-8")
-                tmp.chmod(0o777 & ~_umask())
+                chmod_as_new(tmp)
                 os.rename(tmp, versions / entry.version)  # fails rather than replace: versions are never rewritten
             finally:
                 if tmp.exists():
@@ -294,9 +288,3 @@ def model_fingerprint(bundle: ModelBundle) -> str:
 def _version_number(name: str) -> int:
     match = _VERSION_NAME.match(name)
     return int(match.group(1)) if match else 0
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
