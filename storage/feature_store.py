@@ -27,14 +27,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
 import posixpath
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -43,6 +41,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from transfer_flow.storage.atomic import atomic_path, rename_into_place, temp_dir_beside
+from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import OutputExistsError, StoreError
 
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB row chunks: h5py's advice for chunk size, whatever the feature width
@@ -66,9 +65,8 @@ class FeatureStore(BaseModel):
 
     def fingerprint(self) -> str:
         """Identifies the rows by content: the extraction settings and the manifest they came from."""
-        identity = [self.attrs.get("extraction_key"), self.attrs.get("manifest_fingerprint"), self.n_rows,
-                    self.feature_dim, self.label_names]
-        return hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:16]
+        return content_key(self.attrs.get("extraction_key"), self.attrs.get("manifest_fingerprint"), self.n_rows,
+                           self.feature_dim, self.label_names)
 
 
 class StoreContents(BaseModel, arbitrary_types_allowed=True):
@@ -84,13 +82,6 @@ class StoreContents(BaseModel, arbitrary_types_allowed=True):
 
 def rows_per_chunk(feature_dim: int, dtype: np.dtype = np.dtype(np.float32)) -> int:
     return max(1, TARGET_CHUNK_BYTES // (feature_dim * np.dtype(dtype).itemsize))
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("transfer-flow")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 # --- Inputs, parsed once, the same for every backend -------------------------------------------------------

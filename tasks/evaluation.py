@@ -1,7 +1,6 @@
 """Evaluation: a trained bundle on the store's test rows → metrics and a confusion matrix."""
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -9,8 +8,9 @@ import numpy as np
 from pydantic import BaseModel, Field
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
+from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import BundleError, DatasetError, UnreadableImageError
-from transfer_flow.storage.feature_store import FeatureStore, package_version, read_contents, read_features
+from transfer_flow.storage.feature_store import FeatureStore, read_contents, read_features
 from transfer_flow.storage.model_bundle import ModelBundle, load_head
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decode_image
@@ -49,8 +49,7 @@ REPORT_CODE_VERSION = 2  # bump when the same evaluation would give another repo
 
 def report_key(bundle: ModelBundle, store: FeatureStore) -> str:
     """Identifies an evaluation: which head on which rows, by which code."""
-    identity = f"{bundle.metadata.head_sha256}:{store.fingerprint()}:{package_version()}:{REPORT_CODE_VERSION}"
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return content_key(bundle.metadata.head_sha256, store.fingerprint(), package_version(), REPORT_CODE_VERSION)
 
 
 def check_bundle_fits_store(bundle: ModelBundle, store: FeatureStore) -> None:

@@ -1,7 +1,6 @@
 """Extraction: images of a Manifest → rows of a FeatureStore, batched, with decoding run ahead of inference."""
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import threading
@@ -13,12 +12,12 @@ import numpy as np
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
+from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import OutputExistsError, StoreError
 from transfer_flow.storage.feature_store import (
     FeatureStore,
     create_store,
     open_store,
-    package_version,
     rows_per_chunk,
     store_exists,
 )
@@ -99,9 +98,9 @@ SHARD_IMAGES = 512  # images per committed shard: the most a killed run can lose
 def extraction_key(settings: ExtractionSettings, weights: ResolvedWeights) -> str:
     """Identifies the values of a row: settings, weights identity and code version (never the dataset)."""
     spec = get_backbone(settings.backbone)
-    parts = [spec.name, weights.identity(), settings.resolved_size(), settings.pooling, settings.resolved_precision(),
-             settings.feature_dtype, spec.preprocessing, RESIZE, EXTRACTION_CODE_VERSION, package_version()]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return content_key(spec.name, weights.identity(), settings.resolved_size(), settings.pooling,
+                       settings.resolved_precision(), settings.feature_dtype, spec.preprocessing, RESIZE,
+                       EXTRACTION_CODE_VERSION, package_version())
 
 
 class FeatureExtractor:

@@ -1,8 +1,6 @@
 """Training: a FeatureStore's train rows → a fitted head, saved as a ModelBundle."""
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Literal
@@ -10,10 +8,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import BundleError, DatasetError, SettingsError, StoreError
 from transfer_flow.storage.feature_store import (
     FeatureStore,
-    package_version,
     read_contents,
     read_features,
     rows_per_chunk,
@@ -90,8 +88,7 @@ TRAINING_CODE_VERSION = 2  # bump when the same store and settings would give an
 
 def training_key(store: FeatureStore, settings: TrainingSettings) -> str:
     # Only the chosen head's own settings: changing the dense head's epochs keeps a logreg bundle valid.
-    parts = [store.fingerprint(), settings.head_settings(), TRAINING_CODE_VERSION, package_version()]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return content_key(store.fingerprint(), settings.head_settings(), TRAINING_CODE_VERSION, package_version())
 
 
 def reusable_bundle(bundle_dir: Path, key: str) -> ModelBundle | None:
