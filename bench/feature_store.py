@@ -22,13 +22,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 from transfer_flow.storage.feature_store import (  # noqa: E402
-    commit_store,
     create_store,
     open_store,
-    preallocate_zarr_store,
     read_contents,
     read_features,
     rows_per_chunk,
+)
+from transfer_flow.storage.feature_store.concurrent_zarr import (  # noqa: E402
+    commit_store,
+    preallocate_zarr_store,
     write_rows,
 )
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from transfer_flow.storage.feature_store.formats import DEFAULT_STORE_FORMAT, StoreFormatName
 from transfer_flow.tasks.extraction import ExtractionSettings
 from transfer_flow.tasks.training import HeadName, TrainingSettings
 
@@ -25,8 +26,8 @@ class PipelineSettings(ExtractionSettings):
         description="Classifier on the features: logreg, linear-svm (grids over C), sgd (out of core), "
         "dense (Keras MLP), gap (Keras GAP head; needs pooling flatten).",
     )
-    store: Literal["hdf5", "zarr"] = Field(
-        default="hdf5",
+    store: StoreFormatName = Field(
+        default=DEFAULT_STORE_FORMAT,
         description="Feature store format: HDF5 (classic layout, one file) "
         "or zarr (a folder; parallel writes, dask/xarray).",
     )

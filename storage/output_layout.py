@@ -7,26 +7,23 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel
 
 from transfer_flow.storage.atomic import file_lock
 from transfer_flow.storage.errors import OutputExistsError, OutputLockedError
+from transfer_flow.storage.feature_store.formats import DEFAULT_STORE_FORMAT, STORE_FORMATS, StoreFormatName
 
 LOCK_FILE = ".transfer-flow.lock"
 
 
-STORE_FILES = {"hdf5": "features.h5", "zarr": "features.zarr"}
-
-
 class OutputLayout(BaseModel):
     root: str
-    store_format: Literal["hdf5", "zarr"] = "hdf5"
+    store_format: StoreFormatName = DEFAULT_STORE_FORMAT
 
     @property
     def store(self) -> Path:
-        return Path(self.root) / STORE_FILES[self.store_format]
+        return Path(self.root) / STORE_FORMATS[self.store_format].file_name
 
     @property
     def manifest(self) -> Path:
@@ -45,7 +42,7 @@ class OutputLayout(BaseModel):
         return Path(self.root) / "run.json"
 
     def outputs(self) -> list[Path]:
-        stores = [Path(self.root) / name for name in STORE_FILES.values()]
+        stores = [Path(self.root) / f.file_name for f in STORE_FORMATS.values()]
         return [*stores, self.manifest, self.model, self.report, self.run_summary]
 
     def claim(self, dataset: str, *, overwrite: bool) -> None:

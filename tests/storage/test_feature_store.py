@@ -15,22 +15,24 @@ import zarr
 
 from transfer_flow.storage.errors import OutputExistsError, StoreError
 from transfer_flow.storage.feature_store import (
-    backend_of,
-    commit_store,
+    STORE_FORMATS,
     create_store,
-    discard_store,
     open_store,
-    preallocate_zarr_store,
     read_contents,
     read_features,
     rows_per_chunk,
+    store_format_of,
+)
+from transfer_flow.storage.feature_store.concurrent_zarr import (
+    commit_store,
+    discard_store,
+    preallocate_zarr_store,
     write_rows,
 )
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 ATTRS = {"backbone": "vgg16", "image_size": 32, "pooling": "avg", "nested": {"a": 1}, "none": None,
          "flag": True, "scale": np.float32(0.1)}
-FILE_NAMES = {"hdf5": "features.h5", "zarr": "features.zarr"}
 
 
 def make_rows(n: int, dim: int, seed: int = 0):
@@ -75,21 +77,21 @@ def write_foreign(path: Path) -> None:
             file["x"] = [1, 2]
 
 
-@pytest.fixture(params=["hdf5", "zarr"])
+@pytest.fixture(params=list(STORE_FORMATS))
 def backend(request) -> str:
     return request.param
 
 
 @pytest.fixture
 def store_path(tmp_path, backend) -> Path:
-    return tmp_path / FILE_NAMES[backend]
+    return tmp_path / STORE_FORMATS[backend].file_name
 
 
 class TestFeatureStoreContract:
     """Everything a caller may rely on, whichever backend the store's name picks."""
 
     def test_name_picks_the_backend(self, store_path, backend):
-        assert backend_of(store_path) == backend
+        assert store_format_of(store_path).name == backend
 
     def test_round_trip_keeps_rows_dtypes_chunks_and_attrs(self, store_path):
         features, labels, paths, split, hashes = write_store(store_path, n=10, dim=6, batches=3)
@@ -167,7 +169,7 @@ class TestFeatureStoreContract:
 
     def test_float16_storage_halves_feature_bytes_and_reads_back_as_float32(self, tmp_path, backend):
         dim = 1024  # float32 chunks of 256 rows, float16 of 512: 1024 rows fill both exactly
-        suffix = Path(FILE_NAMES[backend]).suffix
+        suffix = Path(STORE_FORMATS[backend].file_name).suffix
         full, half = tmp_path / f"full{suffix}", tmp_path / f"half{suffix}"
         features = write_store(full, n=1024, dim=dim, batches=3)[0]
         write_store(half, n=1024, dim=dim, batches=3, dtype="float16")
@@ -210,7 +212,7 @@ def test_chunks_stay_near_one_mebibyte_for_wide_features():
     ("x.zarr.h5", "hdf5"),
 ])
 def test_backend_is_chosen_by_the_name(path, backend):
-    assert backend_of(path) == backend
+    assert store_format_of(path).name == backend
 
 
 def test_remote_hdf5_is_refused():

@@ -1,0 +1,77 @@
+"""The HDF5 backend: one file, written by one writer at a time (HDF5 has no concurrent writers).
+
+It keeps the classic layout (`features`, `labels`, `label_names`) that the classic recipe's training
+step reads unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import h5py
+import numpy as np
+
+from transfer_flow.storage.feature_store.rows import ROW_COLUMNS, STRING_COLUMNS, Layout, Rows, plain, rows_per_chunk
+
+
+class Writer:
+    """The datasets of one HDF5 file being written."""
+
+    def __init__(self, location: str, *, n_rows: int, feature_dim: int, label_names: Sequence[str], dtype: np.dtype):
+        self._file = h5py.File(location, "w")
+        self.layout = Layout(feature_dim, dtype, len(label_names))
+        text = h5py.string_dtype()
+        chunk = rows_per_chunk(feature_dim, dtype)
+        create = self._file.create_dataset
+        create("features", shape=(n_rows, feature_dim), maxshape=(None, feature_dim), dtype=dtype,
+               chunks=(chunk, feature_dim))
+        create("labels", shape=(n_rows,), maxshape=(None,), dtype="int64", chunks=(4096,))
+        for name in STRING_COLUMNS:
+            create(name, shape=(n_rows,), maxshape=(None,), dtype=text, chunks=(4096,))
+        create("label_names", data=np.array(list(label_names), dtype=object), dtype=text)
+
+    def resize(self, n_rows: int) -> None:
+        for name in ROW_COLUMNS:
+            self._file[name].resize(n_rows, axis=0)
+
+    def write(self, start: int, rows: Rows) -> None:
+        for name, values in rows.columns().items():
+            self._file[name][start:start + rows.n] = values
+
+    def set_attrs(self, attrs: dict[str, Any]) -> None:
+        self._file.attrs.update(attrs)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+create = Writer
+
+
+class Reader:
+    label = "HDF5"
+    errors: tuple[type[Exception], ...] = (OSError,)
+
+    def __init__(self, location: str):
+        self._file = h5py.File(location, "r")
+
+    def has(self, name: str) -> bool:
+        return name in self._file
+
+    def shape(self) -> tuple[int, int]:
+        return self._file["features"].shape
+
+    def attrs(self) -> dict[str, Any]:
+        return {key: plain(value) for key, value in self._file.attrs.items()}
+
+    def strings(self, name: str) -> list[str]:
+        return list(self._file[name].asstr()[:])
+
+    def labels(self) -> np.ndarray:
+        return self._file["labels"][:]
+
+    def rows(self, increasing: np.ndarray) -> np.ndarray:
+        return self._file["features"][increasing]  # h5py reads strictly increasing indices only
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,115 @@
+"""The zarr v3 backend: a directory of chunk files, local or (through fsspec) on an object store
+(`s3://bucket/x.zarr` with the `s3` extra installed; credentials as s3fs finds them in the environment).
+
+Dask reads it directly: `dask.array.from_zarr(path, component="features")`. Every row array has the
+same row chunking, so writers of disjoint ranges that start on a chunk boundary never touch the same
+chunk file (see concurrent_zarr.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from transfer_flow.storage.feature_store.rows import (
+    ROW_COLUMNS,
+    STRING_COLUMNS,
+    UNWRITTEN_LABEL,
+    Layout,
+    Rows,
+    rows_per_chunk,
+)
+
+
+class Writer:
+    """The arrays of one zarr v3 group being written."""
+
+    def __init__(self, group: Any):
+        self._group = group
+        self._arrays = {name: group[name] for name in ROW_COLUMNS}
+
+    @classmethod
+    def create(cls, location: str, *, n_rows: int, feature_dim: int, label_names: Sequence[str],
+               dtype: np.dtype) -> Writer:
+        import zarr
+
+        group = zarr.open_group(location, mode="w", zarr_format=3)
+        chunk = rows_per_chunk(feature_dim, dtype)
+        group.create_array("features", shape=(n_rows, feature_dim), dtype=dtype, chunks=(chunk, feature_dim),
+                           fill_value=0)
+        group.create_array("labels", shape=(n_rows,), dtype="int64", chunks=(chunk,), fill_value=UNWRITTEN_LABEL)
+        for name in STRING_COLUMNS:
+            group.create_array(name, shape=(n_rows,), dtype=str, chunks=(chunk,), fill_value="")
+        names = group.create_array("label_names", shape=(len(label_names),), dtype=str,
+                                   chunks=(max(1, len(label_names)),), fill_value="")
+        names[:] = list(label_names)
+        return cls(group)
+
+    @classmethod
+    def open(cls, location: str) -> Writer:
+        import zarr
+
+        return cls(zarr.open_group(location, mode="r+", zarr_format=3))
+
+    @property
+    def layout(self) -> Layout:
+        features = self._arrays["features"]
+        return Layout(features.shape[1], np.dtype(features.dtype), self._group["label_names"].shape[0])
+
+    @property
+    def chunk_rows(self) -> int:
+        return self._arrays["features"].chunks[0]
+
+    @property
+    def n_rows(self) -> int:
+        return self._arrays["features"].shape[0]
+
+    def resize(self, n_rows: int) -> None:
+        for array in self._arrays.values():
+            array.resize((n_rows, *array.shape[1:]))
+
+    def write(self, start: int, rows: Rows) -> None:
+        for name, values in rows.columns().items():
+            self._arrays[name][start:start + rows.n] = values
+
+    def set_attrs(self, attrs: dict[str, Any]) -> None:
+        self._group.attrs.update(attrs)
+
+    def close(self) -> None:
+        pass
+
+
+create = Writer.create
+
+
+class Reader:
+    label = "zarr"
+    # zarr raises GroupNotFoundError (a ValueError and FileNotFoundError), ContainsArrayError, JSONDecodeError...
+    errors: tuple[type[Exception], ...] = (OSError, ValueError)
+
+    def __init__(self, location: str):
+        import zarr
+
+        self._group = zarr.open_group(location, mode="r", zarr_format=3)
+
+    def has(self, name: str) -> bool:
+        return name in self._group
+
+    def shape(self) -> tuple[int, int]:
+        return self._group["features"].shape
+
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._group.attrs)
+
+    def strings(self, name: str) -> list[str]:
+        return self._group[name][:].tolist()
+
+    def labels(self) -> np.ndarray:
+        return self._group["labels"][:]
+
+    def rows(self, increasing: np.ndarray) -> np.ndarray:
+        return self._group["features"].oindex[increasing]
+
+    def close(self) -> None:
+        pass
