@@ -15,27 +15,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
 
 from transfer_flow.storage.atomic import atomic_path
 from transfer_flow.storage.errors import BundleError, OutputExistsError
+from transfer_flow.storage.extraction_record import ExtractionRecord, read_record, record_attrs
 
 HEAD_FILE = "head.skops"
 KERAS_HEAD_FILE = "head.keras"
 HEAD_FILES = {"skops": HEAD_FILE, "keras": KERAS_HEAD_FILE}
 METADATA_FILE = "bundle.json"
+_PREVIOUS_EXTRACTION_FIELDS = ("backbone", "weights_source", "image_size", "pooling", "precision", "preprocessing",
+                               "feature_dtype")
 _TRUSTED_MODULE_PREFIXES = ("sklearn.", "numpy.", "builtins.")  # what a scikit-learn head may contain
 
 
 class BundleMetadata(BaseModel):
-    backbone: str
-    weights_source: str
-    image_size: int
-    pooling: str
-    precision: str
-    preprocessing: str
+    extraction: ExtractionRecord = Field(description="How the training features were made; new images go the same way.")
     feature_dim: int
-    feature_dtype: str = Field(default="float32", description="How the training features were stored (float16 rounds).")
     class_names: list[str]
     head: str
     head_format: Literal["skops", "keras"] = Field(default="skops", description="How the head file is stored.")
@@ -46,6 +43,24 @@ class BundleMetadata(BaseModel):
     head_sha256: str = ""
     created: str = ""
     library_versions: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _previous_layout(cls, data: Any) -> Any:
+        """bundle.json of the previous version: the extraction fields sat flat beside the others."""
+        if isinstance(data, dict) and "extraction" not in data and "backbone" in data:
+            data = dict(data)
+            data["extraction"] = {key: data.pop(key) for key in _PREVIOUS_EXTRACTION_FIELDS if key in data}
+        return data
+
+    @field_validator("extraction", mode="before")
+    @classmethod
+    def _read_extraction(cls, value: Any) -> Any:
+        return read_record(value) if isinstance(value, dict) else value
+
+    @field_serializer("extraction")
+    def _write_extraction(self, record: ExtractionRecord) -> dict[str, Any]:
+        return record_attrs(record)  # the same flat keys as a store's attributes
 
 
 class ModelBundle(BaseModel):

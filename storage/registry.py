@@ -210,7 +210,8 @@ class ModelRegistry:
                 number = max((_version_number(e.version) for e in self.versions()), default=0) + 1
                 entry = VersionEntry(
                     version=f"v{number:04d}", registered=now(), dataset=str(dataset), run_output=str(run_output),
-                    backbone=meta.backbone, weights_source=meta.weights_source, feature_dim=meta.feature_dim,
+                    backbone=meta.extraction.backbone, weights_source=meta.extraction.weights.describe(),
+                    feature_dim=meta.feature_dim,
                     class_names=meta.class_names, head_sha256=meta.head_sha256, model_fingerprint=fingerprint,
                     store_fingerprint=meta.store_fingerprint,
                     metrics={k: float(metrics[k]) for k in ("accuracy", "macro_f1")}, n_test=int(n_test),

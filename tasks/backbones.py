@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from transfer_flow.storage.errors import SettingsError, WeightsUnavailableError
+from transfer_flow.storage.extraction_record import WeightsRecord
 from transfer_flow.tasks import efficientnet_lite
 
 Pooling = Literal["flatten", "avg", "max"]
@@ -147,16 +148,13 @@ def keras_cache_dir() -> Path:
     return efficientnet_lite.keras_home() / "models"
 
 
-class ResolvedWeights(BaseModel):
-    """Which weights a backbone gets, and where they came from."""
+class ResolvedWeights(WeightsRecord):
+    """Which weights a backbone gets, and where they came from (what the extraction record keeps of them)."""
 
     source: WeightsSource
     file: str | None = Field(
         default=None, description="Weights file loaded (for a download: where it lands); None for random init."
     )
-
-    def describe(self) -> str:
-        return self.source if self.file is None else f"{self.source}: {self.file}"
 
     def identity(self) -> str:
         """What fixes the weights' values, independent of where the file sits."""

@@ -55,13 +55,15 @@ def report_key(bundle: ModelBundle, store: FeatureStore) -> str:
 def check_bundle_fits_store(bundle: ModelBundle, store: FeatureStore) -> None:
     """Refuse features the head was not trained on: another width, or the same width from another
     backbone, pooling, image size or preprocessing (efficientnet_lite0 and mobilenet_v2 are both 1,280-d)."""
-    meta = bundle.metadata
+    meta, made = bundle.metadata, store.extraction
     if meta.feature_dim != store.feature_dim:
         raise BundleError(f"Bundle {bundle.path} expects {meta.feature_dim}-d features "
-                          f"({meta.backbone}), the store has {store.feature_dim}-d")
+                          f"({meta.extraction.backbone}), the store has {store.feature_dim}-d")
+    if made is None:  # a store not written by extraction: its width is all there is to check
+        return
     for field in ("backbone", "pooling", "image_size", "preprocessing"):
-        recorded, given = getattr(meta, field), store.attrs.get(field)
-        if given is not None and str(given) != str(recorded):
+        recorded, given = getattr(meta.extraction, field), getattr(made, field)
+        if given != recorded:
             raise BundleError(f"Bundle {bundle.path} was trained on features with {field} {recorded}, the store "
                               f"{store.path} has {field} {given}: retrain, or evaluate on a matching store")
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import OutputExistsError, StoreError
+from transfer_flow.storage.extraction_record import ExtractionRecord, record_attrs
 from transfer_flow.storage.feature_store import (
     FeatureStore,
     create_store,
@@ -164,6 +165,14 @@ class ExtractionPlan(BaseModel):
     )
     complete: bool = Field(default=False, description="The previous store already holds exactly this manifest.")
 
+    def record(self) -> ExtractionRecord:
+        """What the store will say about how its rows were made (bundles trained on it carry the same)."""
+        spec = get_backbone(self.settings.backbone)
+        return ExtractionRecord(backbone=spec.name, weights=self.weights, image_size=self.settings.resolved_size(),
+                                pooling=self.settings.pooling, precision=self.settings.resolved_precision(),
+                                preprocessing=spec.preprocessing, resize=RESIZE,
+                                feature_dtype=self.settings.feature_dtype)
+
     def shards(self, size: int) -> list[list[ImageRecord]]:
         return [self.todo[i:i + size] for i in range(0, len(self.todo), size)]
 
@@ -223,7 +232,6 @@ def extract_records(records: Sequence[ImageRecord], root: Path, plan: Extraction
 
 def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -> ExtractionResult:
     """Write the complete store from reused rows and committed shards, in manifest order, then drop the shards."""
-    spec = get_backbone(plan.settings.backbone)
     extracted_hashes = {r.content_hash for r in plan.todo}
 
     def result(store: FeatureStore, reasons: dict[str, str], extracted: int, cached: bool) -> ExtractionResult:
@@ -245,14 +253,7 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -
         r.content_hash: cache.skipped[r.content_hash] for r in manifest.records if r.content_hash in cache.skipped
     }
     attrs = {
-        "backbone": spec.name,
-        "weights_source": plan.weights.describe(),
-        "image_size": plan.settings.resolved_size(),
-        "pooling": plan.settings.pooling,
-        "precision": plan.settings.precision,
-        "preprocessing": spec.preprocessing,
-        "resize": RESIZE,
-        "feature_dtype": plan.settings.feature_dtype,
+        **record_attrs(plan.record()),
         "dataset_root": manifest.root,
         "manifest_fingerprint": manifest.fingerprint(),
         "extraction_key": plan.key,

@@ -65,12 +65,12 @@ def list_images(paths: Sequence[Path | str]) -> list[str]:
 
 
 def _weights_of(bundle: ModelBundle) -> ResolvedWeights:
-    """The weights the bundle's features came from, as recorded (`source` or `source: file`)."""
-    source, _, file = bundle.metadata.weights_source.partition(": ")
+    """The weights the bundle's features came from, as its extraction record keeps them."""
+    recorded = bundle.metadata.extraction.weights
     try:
-        weights = ResolvedWeights(source=source, file=file or None)
+        weights = ResolvedWeights.model_validate(recorded.model_dump())
     except ValueError:
-        raise BundleError(f"Bundle {bundle.path} records weights {bundle.metadata.weights_source!r}, "
+        raise BundleError(f"Bundle {bundle.path} records weights {recorded.describe()!r}, "
                           "which this version cannot rebuild") from None
     if weights.file and weights.source != "download" and not Path(weights.file).is_file():
         raise WeightsUnavailableError(f"The weights bundle {bundle.path} was trained with ({weights.file}) "
@@ -80,17 +80,18 @@ def _weights_of(bundle: ModelBundle) -> ResolvedWeights:
 
 def bundle_extractor(bundle: ModelBundle, batch_size: int = 32) -> FeatureExtractor:
     """The feature extractor the bundle's training features came from."""
-    meta = bundle.metadata
-    spec = get_backbone(meta.backbone)
-    if spec.preprocessing != meta.preprocessing:
-        raise BundleError(f"Bundle {bundle.path} was trained with {meta.preprocessing} preprocessing, but "
-                          f"{meta.backbone} here uses {spec.preprocessing}")
-    settings = ExtractionSettings(backbone=meta.backbone, image_size=meta.image_size, pooling=meta.pooling,
-                                  precision=meta.precision, batch_size=batch_size, feature_dtype=meta.feature_dtype)
+    meta, record = bundle.metadata, bundle.metadata.extraction
+    spec = get_backbone(record.backbone)
+    if spec.preprocessing != record.preprocessing:
+        raise BundleError(f"Bundle {bundle.path} was trained with {record.preprocessing} preprocessing, but "
+                          f"{record.backbone} here uses {spec.preprocessing}")
+    settings = ExtractionSettings(backbone=record.backbone, image_size=record.image_size, pooling=record.pooling,
+                                  precision=record.precision, batch_size=batch_size,
+                                  feature_dtype=record.feature_dtype)
     extractor = FeatureExtractor(settings, _weights_of(bundle))
     if extractor.feature_dim != meta.feature_dim:
-        raise BundleError(f"Bundle {bundle.path} expects {meta.feature_dim}-d features, {meta.backbone} with "
-                          f"{meta.pooling} pooling at {meta.image_size} px gives {extractor.feature_dim}-d")
+        raise BundleError(f"Bundle {bundle.path} expects {meta.feature_dim}-d features, {record.backbone} with "
+                          f"{record.pooling} pooling at {record.image_size} px gives {extractor.feature_dim}-d")
     return extractor
 
 
@@ -100,7 +101,7 @@ def predict_images(bundle: ModelBundle, paths: Sequence[str], *, top_k: int = 3,
     extractor = bundle_extractor(bundle, batch_size)
     head = load_head(bundle)
     names = bundle.metadata.class_names
-    dtype = np.dtype(bundle.metadata.feature_dtype)
+    dtype = np.dtype(bundle.metadata.extraction.feature_dtype)
     k = min(top_k, len(names))
     rows: list[PredictionRow] = []
     # The decode-ahead pipeline extraction uses: threads decode two batches ahead of the backbone.

@@ -18,6 +18,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 from sklearn.metrics import accuracy_score, f1_score
 
+from transfer_flow.storage.extraction_record import WeightsRecord
 from transfer_flow.storage.feature_store import FeatureStore, open_store, read_contents, read_features
 from transfer_flow.storage.model_bundle import BundleMetadata, ModelBundle, load_head
 from transfer_flow.storage.registry import (
@@ -56,26 +57,28 @@ def row_identities(store: FeatureStore, splits: tuple[str, ...]) -> list[str]:
     return [ident for ident, s in zip(_identities(contents), contents.split) if s in splits]
 
 
-def _weights_identity(source: str) -> str | None:
+def _weights_identity(weights: WeightsRecord) -> str | None:
     """Which pretrained weights produced the features; None when features are not reproducible (random init)."""
-    kind, _, file = source.partition(": ")
-    if kind == "random":
+    if weights.source == "random":
         return None
-    if kind == "path":
-        return f"path:{file}"
+    if weights.source == "path":
+        return f"path:{weights.file}"
     return "imagenet"  # keras-cache, offline-package and download all resolve to the same ImageNet weights
 
 
 def why_not_comparable(champion: BundleMetadata, challenger: BundleMetadata) -> str | None:
     """Why the champion's head cannot be scored on the challenger's features (None: it can)."""
-    if _weights_identity(champion.weights_source) is None or _weights_identity(challenger.weights_source) is None:
+    old, new = champion.extraction, challenger.extraction
+    if _weights_identity(old.weights) is None or _weights_identity(new.weights) is None:
         return "random-init weights (--weights none) give different features in every run"
-    for field in ("backbone", "image_size", "pooling", "precision", "preprocessing", "feature_dim"):
-        a, b = getattr(champion, field), getattr(challenger, field)
+    for field in ("backbone", "image_size", "pooling", "precision", "preprocessing"):
+        a, b = getattr(old, field), getattr(new, field)
         if a != b:
             return f"the feature extractors differ ({field}: {a} vs {b})"
-    if _weights_identity(champion.weights_source) != _weights_identity(challenger.weights_source):
-        return f"the pretrained weights differ ({champion.weights_source} vs {challenger.weights_source})"
+    if champion.feature_dim != challenger.feature_dim:
+        return f"the feature extractors differ (feature_dim: {champion.feature_dim} vs {challenger.feature_dim})"
+    if _weights_identity(old.weights) != _weights_identity(new.weights):
+        return f"the pretrained weights differ ({old.weights.describe()} vs {new.weights.describe()})"
     if champion.class_names != challenger.class_names:
         return f"the classes differ ({', '.join(champion.class_names)} vs {', '.join(challenger.class_names)})"
     return None

@@ -150,13 +150,14 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
 
     Returns the metrics and whether the existing report was kept."""
     spec = training.bundle.metadata
+    record = spec.extraction
     key = report_key(training.bundle, extraction.store)
     metrics = {
         "accuracy": result.accuracy, "macro_f1": result.macro_f1, "n_train": result.n_train, "n_test": result.n_test,
-        "best_params": result.best_params, "head": spec.head, "backbone": spec.backbone,
-        "weights_source": extraction.weights.describe(), "image_size": spec.image_size, "pooling": spec.pooling,
-        "precision": spec.precision, "feature_dim": spec.feature_dim,
-        "feature_dtype": extraction.store.attrs.get("feature_dtype", "float32"), "store": str(extraction.store.path),
+        "best_params": result.best_params, "head": spec.head, "backbone": record.backbone,
+        "weights_source": extraction.weights.describe(), "image_size": record.image_size, "pooling": record.pooling,
+        "precision": record.precision, "feature_dim": spec.feature_dim,
+        "feature_dtype": record.feature_dtype, "store": str(extraction.store.path),
         "class_names": result.class_names,
         "per_class": result.per_class, "confusion": result.confusion,
         "training_score": {"name": training.score_name, "value": training.cv_score},
@@ -177,7 +178,7 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
     create_link_artifact(
         key="evaluation-report",
         link=page.as_uri(),
-        link_text=f"report: {spec.backbone} + {spec.head}",
+        link_text=f"report: {record.backbone} + {spec.head}",
         description="The self-contained HTML report (curves, confusion matrix, misclassified images)",
     )
     stage_logger().info("report: accuracy %.4f, macro F1 %.4f → %s", result.accuracy, result.macro_f1, page)
@@ -225,9 +226,9 @@ def free_predictions_output(output: str | None, overwrite: bool) -> None:
 @task(name="load bundle", cache_policy=NONE)
 def prediction_bundle(path: str) -> ModelBundle:
     bundle = find_bundle(Path(path))
-    meta = bundle.metadata
-    stage_logger().info("predict: %s head on %s (%s, %d px, %s pooling), classes %s", meta.head, meta.backbone,
-                        meta.weights_source, meta.image_size, meta.pooling, ", ".join(meta.class_names))
+    meta, record = bundle.metadata, bundle.metadata.extraction
+    stage_logger().info("predict: %s head on %s (%s, %d px, %s pooling), classes %s", meta.head, record.backbone,
+                        record.weights.describe(), record.image_size, record.pooling, ", ".join(meta.class_names))
     return bundle
 
 

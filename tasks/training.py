@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import BundleError, DatasetError, SettingsError, StoreError
+from transfer_flow.storage.extraction_record import ExtractionRecord
 from transfer_flow.storage.feature_store import (
     FeatureStore,
     read_contents,
@@ -100,14 +101,22 @@ def reusable_bundle(bundle_dir: Path, key: str) -> ModelBundle | None:
     return bundle if bundle.metadata.stage_key == key and head_matches(bundle) else None
 
 
+def extraction_of(store: FeatureStore) -> ExtractionRecord:
+    """The store's extraction record, which a bundle must carry to label new images the same way."""
+    if store.extraction is None:
+        raise StoreError(f"{store.path} records no extraction (backbone, weights, image size, pooling...): "
+                         "train on a store written by transfer-flow extract")
+    return store.extraction
+
+
 def feature_map_shape(store: FeatureStore) -> tuple[int, int, int]:
     """(height, width, channels) of the unpooled map a `--pooling flatten` store holds, for the gap head."""
-    attrs = store.attrs
-    if attrs.get("pooling") != "flatten":
+    record = extraction_of(store)
+    if record.pooling != "flatten":
         raise SettingsError(f"--head gap pools the backbone's feature map itself: it needs a store of unpooled maps "
-                            f"(--pooling flatten), this one is pooled with {attrs.get('pooling')}")
-    spec = get_backbone(attrs["backbone"])
-    side = -(-int(attrs["image_size"]) // spec.total_stride)
+                            f"(--pooling flatten), this one is pooled with {record.pooling}")
+    spec = get_backbone(record.backbone)
+    side = -(-record.image_size // spec.total_stride)
     if side * side * spec.channels != store.feature_dim:
         raise StoreError(f"{store.path}: {store.feature_dim}-d rows are not a {side}x{side}x{spec.channels} map")
     return side, side, spec.channels
@@ -124,6 +133,7 @@ def train_head(
     if previous is not None:
         return TrainingResult(bundle=previous, **previous.metadata.training_summary, cached=True,
                               seconds=time.perf_counter() - started)
+    record = extraction_of(store)  # before any work: the bundle cannot be written without it
     contents = read_contents(store)
     split = np.asarray(contents.split)
     rows = np.flatnonzero(np.isin(split, ["train", "val"]))
@@ -149,12 +159,9 @@ def train_head(
         else:
             head, summary = {"logreg": fit_logreg, "linear-svm": fit_linear_svm}[settings.head](
                 features, labels, is_val, settings)
-    attrs = contents.attrs
     bundle = save_bundle(bundle_dir, head, BundleMetadata(
-        backbone=attrs["backbone"], weights_source=attrs["weights_source"], image_size=int(attrs["image_size"]),
-        pooling=attrs["pooling"], precision=attrs["precision"], preprocessing=attrs["preprocessing"],
-        feature_dim=store.feature_dim, feature_dtype=attrs.get("feature_dtype", "float32"),
-        class_names=contents.label_names, head=settings.head,
+        extraction=record, feature_dim=store.feature_dim, class_names=contents.label_names,
+        head=settings.head,
         head_params={**settings.head_settings(), **summary["best_params"]}, store_fingerprint=store.fingerprint(),
         stage_key=key,
         training_summary={"n_train": len(rows), **summary, "fit_seconds": time.perf_counter() - fit_started},

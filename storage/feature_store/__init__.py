@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from transfer_flow.storage.content_keys import content_key
 from transfer_flow.storage.errors import StoreError
+from transfer_flow.storage.extraction_record import ExtractionRecord, read_record
 from transfer_flow.storage.feature_store.formats import (
     STORE_FORMATS,
     StoreFormat,
@@ -56,6 +57,16 @@ class FeatureStore(BaseModel):
         """Identifies the rows by content: the extraction settings and the manifest they came from."""
         return content_key(self.attrs.get("extraction_key"), self.attrs.get("manifest_fingerprint"), self.n_rows,
                            self.feature_dim, self.label_names)
+
+    @property
+    def extraction(self) -> ExtractionRecord | None:
+        """How the rows were made; None for a store that carries no such record (not written by extraction)."""
+        if "backbone" not in self.attrs:
+            return None
+        try:
+            return read_record(self.attrs)
+        except ValueError as error:
+            raise StoreError(f"{self.path} has an incomplete extraction record: {error}") from None
 
 
 class StoreContents(BaseModel, arbitrary_types_allowed=True):

@@ -96,7 +96,7 @@ def test_zarr_store_in_float16_is_written_reused_and_trained_on(prefect_api, col
     cold = transfer_learning(settings)
     assert cold.store.endswith("features.zarr") and (tmp_path / "out" / "features.zarr").is_dir()
     store = open_store(tmp_path / "out" / "features.zarr")
-    assert store.n_rows == 24 and store.attrs["feature_dtype"] == "float16"
+    assert store.n_rows == 24 and store.extraction.feature_dtype == "float16"
     warm = transfer_learning(settings)
     assert (warm.images_extracted, warm.images_reused, warm.cached.extract) == (0, 24, True)
     grown = transfer_learning(settings.model_copy(update={"feature_dtype": "float32"}))

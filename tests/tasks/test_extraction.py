@@ -59,7 +59,8 @@ def test_broken_images_are_skipped_with_reasons_and_every_other_image_is_a_row(t
         assert digest == listed[path].content_hash
     # Rows keep the manifest's shuffled order.
     assert contents.paths == [r.path for r in messy_manifest.records if r.path not in skipped]
-    assert result.store.attrs["backbone"] == "mobilenet_v2" and result.store.attrs["weights_source"] == "random"
+    record = result.store.extraction
+    assert record.backbone == "mobilenet_v2" and record.weights.source == "random" and record.weights.file is None
     assert np.isfinite(read_features(result.store, np.arange(result.store.n_rows))).all()
 
 
@@ -125,7 +126,7 @@ def test_other_settings_never_share_rows(tmp_path, colours):
     extract_features(prepared(colours), tmp_path / "f.h5", ExtractionSettings(**SETTINGS))
     other = extract_features(prepared(colours), tmp_path / "f.h5", ExtractionSettings(**{**SETTINGS, "pooling": "max"}))
     assert (other.images_extracted, other.images_reused) == (20, 0)
-    assert other.store.attrs["pooling"] == "max"
+    assert other.store.extraction.pooling == "max"
 
 
 def test_refresh_recomputes_every_row(tmp_path, colours):

@@ -54,7 +54,8 @@ def two_class_run(tmp_path):
         writer.append(features, labels, paths, split)
     bundle = save_bundle(tmp_path / "model", LogisticRegression().fit(features, labels), metadata())
     entry = VersionEntry(version="v0002", registered="", dataset="", run_output="", backbone="efficientnet_lite0",
-                         weights_source=bundle.metadata.weights_source, feature_dim=2, class_names=CLASSES,
+                         weights_source=bundle.metadata.extraction.weights.describe(), feature_dim=2,
+                         class_names=CLASSES,
                          head_sha256=bundle.metadata.head_sha256, model_fingerprint="m", store_fingerprint="s",
                          metrics={"accuracy": 0.5, "macro_f1": 0.5}, n_test=10)
     return open_store(tmp_path / "features.h5"), bundle, entry, paths, split
