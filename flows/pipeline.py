@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from transfer_flow.flows.settings import PipelineSettings
 from transfer_flow.storage.manifest import Manifest
 from transfer_flow.storage.output_layout import OutputLayout
+from transfer_flow.storage.report_metrics import ReportMetrics
 from transfer_flow.storage.run_summary import RunSummary, SkippedImageRecord, StageCached, StageSeconds
 from transfer_flow.tasks import stages
 from transfer_flow.tasks.evaluation import Evaluation
@@ -66,8 +67,8 @@ def extracted_features(settings: PipelineSettings) -> ExtractedFeatures:
                              list_seconds=listed - started, extract_seconds=time.perf_counter() - listed)
 
 
-def run_summary_of(features: ExtractedFeatures, training: TrainingResult, result: Evaluation, metrics: dict,
-                   report_cached: bool, model_layout: OutputLayout, *, train_seconds: float,
+def run_summary_of(features: ExtractedFeatures, training: TrainingResult, result: Evaluation,
+                   metrics: ReportMetrics, report_cached: bool, model_layout: OutputLayout, *, train_seconds: float,
                    evaluate_seconds: float, total_seconds: float) -> RunSummary:
     manifest, extraction = features.manifest, features.extraction
     return RunSummary(
@@ -77,8 +78,8 @@ def run_summary_of(features: ExtractedFeatures, training: TrainingResult, result
         images_skipped=[SkippedImageRecord(**s.model_dump()) for s in extraction.images_skipped],
         images_ignored=sum(manifest.ignored.values()), ignored_by_reason=manifest.ignored,
         dropped_classes=manifest.dropped_classes, classes=manifest.class_names,
-        backbone=metrics["backbone"], weights_source=metrics["weights_source"], precision=extraction.precision,
-        image_size=metrics["image_size"], pooling=metrics["pooling"],
+        backbone=metrics.backbone, weights_source=metrics.weights_source, precision=extraction.precision,
+        image_size=metrics.image_size, pooling=metrics.pooling,
         accuracy=result.accuracy, macro_f1=result.macro_f1, images_hashed=features.hashing.images_hashed,
         cached=StageCached(extract=extraction.cached, train=training.cached, report=report_cached),
         seconds=StageSeconds(list=features.list_seconds, extract=features.extract_seconds, train=train_seconds,

@@ -20,6 +20,7 @@ from PIL import Image  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from transfer_flow.storage.atomic import atomic_path  # noqa: E402
+from transfer_flow.storage.report_metrics import METRICS_FILE, Misclassified, ReportMetrics, metrics_json  # noqa: E402
 
 HTML_FILE = "report.html"
 
@@ -35,16 +36,16 @@ def _params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "—"
 
 
-def summary_markdown(metrics: dict[str, Any]) -> str:
+def summary_markdown(metrics: ReportMetrics) -> str:
     """The headline block shared by report.md and the Prefect markdown artifact."""
     return "\n".join([
-        f"# transfer-flow report: {metrics['backbone']} + {metrics['head']}",
+        f"# transfer-flow report: {metrics.backbone} + {metrics.head}",
         "",
-        f"- accuracy: **{metrics['accuracy']:.4f}**, macro F1: **{metrics['macro_f1']:.4f}**",
-        f"- train / test images: {metrics['n_train']} / {metrics['n_test']}",
-        f"- best {_params_text(metrics['best_params'])}",
-        f"- weights: {metrics['weights_source']}; image size {metrics['image_size']}, pooling {metrics['pooling']}, "
-        f"precision {metrics['precision']}, features stored as {metrics.get('feature_dtype', 'float32')}",
+        f"- accuracy: **{metrics.accuracy:.4f}**, macro F1: **{metrics.macro_f1:.4f}**",
+        f"- train / test images: {metrics.n_train} / {metrics.n_test}",
+        f"- best {_params_text(metrics.best_params)}",
+        f"- weights: {metrics.weights_source}; image size {metrics.image_size}, pooling {metrics.pooling}, "
+        f"precision {metrics.precision}, features stored as {metrics.feature_dtype}",
     ])
 
 
@@ -113,30 +114,31 @@ figcaption{overflow-wrap:anywhere}.wrong{color:#b00020}
 """
 
 
-def report_html(metrics: dict[str, Any], pictures: dict[str, bytes], gallery: list[tuple[bytes | None, dict]]) -> str:
+def report_html(metrics: ReportMetrics, pictures: dict[str, bytes],
+                gallery: list[tuple[bytes | None, Misclassified]]) -> str:
     """One self-contained page: every picture is a data URI, nothing is fetched from anywhere. Void
     elements are self-closed, so the page is well-formed XML too (xml.etree reads it)."""
     e = html.escape
-    names = metrics["class_names"]
-    cards = [("accuracy", f"{metrics['accuracy']:.4f}"), ("macro F1", f"{metrics['macro_f1']:.4f}"),
-             ("train images", str(metrics["n_train"])), ("test images", str(metrics["n_test"]))]
-    settings = [("head", metrics["head"]), ("best", _params_text(metrics["best_params"])),
-                ("backbone", metrics["backbone"]), ("weights", metrics["weights_source"]),
-                ("image size", metrics["image_size"]), ("pooling", metrics["pooling"]),
-                ("precision", metrics["precision"]), ("features", f"{metrics['feature_dim']}-d, stored as "
-                                                                   f"{metrics.get('feature_dtype', 'float32')}"),
-                ("feature store", metrics["store"])]
+    names = metrics.class_names
+    cards = [("accuracy", f"{metrics.accuracy:.4f}"), ("macro F1", f"{metrics.macro_f1:.4f}"),
+             ("train images", str(metrics.n_train)), ("test images", str(metrics.n_test))]
+    settings = [("head", metrics.head), ("best", _params_text(metrics.best_params)),
+                ("backbone", metrics.backbone), ("weights", metrics.weights_source),
+                ("image size", metrics.image_size), ("pooling", metrics.pooling),
+                ("precision", metrics.precision), ("features", f"{metrics.feature_dim}-d, stored as "
+                                                                   f"{metrics.feature_dtype}"),
+                ("feature store", metrics.store)]
     rows = []
     for name in names:
-        scores = metrics["per_class"][name]
-        low = ' class="low"' if scores["f1-score"] < metrics["macro_f1"] - 0.1 else ""
+        scores = metrics.per_class[name]
+        low = ' class="low"' if scores["f1-score"] < metrics.macro_f1 - 0.1 else ""
         rows.append(f"<tr{low}><td>{e(name)}</td><td>{scores['precision']:.4f}</td><td>{scores['recall']:.4f}</td>"
                     f"<td>{scores['f1-score']:.4f}</td><td>{int(scores['support'])}</td></tr>")
     parts = [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8"/>',
-        f"<title>transfer-flow report: {e(metrics['backbone'])} + {e(metrics['head'])}</title>",
+        f"<title>transfer-flow report: {e(metrics.backbone)} + {e(metrics.head)}</title>",
         f"<style>{_STYLE}</style>", "</head>", "<body>",
-        f"<h1>transfer-flow report: {e(metrics['backbone'])} + {e(metrics['head'])}</h1>",
+        f"<h1>transfer-flow report: {e(metrics.backbone)} + {e(metrics.head)}</h1>",
         '<div class="cards">', *[f"<div class=\"card\"><b>{e(v)}</b><span>{e(k)}</span></div>" for k, v in cards],
         "</div>",
         '<h2>Run</h2>', '<table class="settings">',
@@ -150,7 +152,7 @@ def report_html(metrics: dict[str, Any], pictures: dict[str, bytes], gallery: li
         parts += ["<h2>Training curves</h2>",
                   f'<img src="{_data_uri(pictures["training_curves"])}" alt="loss and accuracy per epoch"/>']
     shown = len(gallery)
-    total = metrics.get("n_misclassified", shown)
+    total = metrics.n_misclassified
     parts.append(f"<h2>Misclassified test images ({total}"
                  f"{f', the {shown} most confident shown' if shown < total else ''})</h2>")
     if not gallery:
@@ -158,11 +160,11 @@ def report_html(metrics: dict[str, Any], pictures: dict[str, bytes], gallery: li
     else:
         parts.append('<div class="gallery">')
         for png, item in gallery:
-            picture = (f'<img src="{_data_uri(png)}" alt="{e(item["path"])}"/>' if png is not None
+            picture = (f'<img src="{_data_uri(png)}" alt="{e(item.path)}"/>' if png is not None
                        else '<div class="missing">not readable now</div>')
-            parts.append(f"<figure>{picture}<figcaption>{e(item['path'])}<br/>true: <b>{e(item['true'])}</b><br/>"
-                         f"<span class=\"wrong\">predicted: <b>{e(item['predicted'])}</b></span> "
-                         f"({item['confidence']:.2f})</figcaption></figure>")
+            parts.append(f"<figure>{picture}<figcaption>{e(item.path)}<br/>true: <b>{e(item.true)}</b><br/>"
+                         f"<span class=\"wrong\">predicted: <b>{e(item.predicted)}</b></span> "
+                         f"({item.confidence:.2f})</figcaption></figure>")
         parts.append("</div>")
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
@@ -173,20 +175,20 @@ def read_report_key(report_dir: Path) -> str | None:
     try:
         if not (Path(report_dir) / HTML_FILE).is_file():
             return None
-        return json.loads((Path(report_dir) / "metrics.json").read_text())["stage_key"]
+        return json.loads((Path(report_dir) / METRICS_FILE).read_text())["stage_key"]
     except (OSError, ValueError, KeyError):
         return None
 
 
-def write_report(report_dir: Path, metrics: dict[str, Any], classification_text: str, *, overwrite: bool,
+def write_report(report_dir: Path, metrics: ReportMetrics, classification_text: str, *, overwrite: bool,
                  history: dict[str, list[float]] | None = None,
-                 gallery: list[tuple[np.ndarray | None, dict]] | None = None) -> Path:
-    """Write the report directory atomically; `metrics` must hold class_names and confusion.
+                 gallery: list[tuple[np.ndarray | None, Misclassified]] | None = None) -> Path:
+    """Write the report directory atomically.
 
     `history`: per-epoch curves (drawn when present); `gallery`: (thumbnail pixels or None, item with
     path, true, predicted, confidence) of misclassified test images, embedded in report.html."""
     report_dir = Path(report_dir)
-    pictures = {"confusion_matrix": confusion_png(metrics["class_names"], metrics["confusion"])}
+    pictures = {"confusion_matrix": confusion_png(metrics.class_names, metrics.confusion)}
     curves = curves_png(history or {})
     if curves is not None:
         pictures["training_curves"] = curves
@@ -194,14 +196,14 @@ def write_report(report_dir: Path, metrics: dict[str, Any], classification_text:
     markdown = "\n".join([
         summary_markdown(metrics), "",
         "## Per-class metrics", "", "```", classification_text.rstrip(), "```", "",
-        "## Confusion matrix", "", confusion_table_markdown(metrics["class_names"], metrics["confusion"]), "",
+        "## Confusion matrix", "", confusion_table_markdown(metrics.class_names, metrics.confusion), "",
         "![confusion matrix](confusion_matrix.png)", "",
         *(["## Training curves", "", "![training curves](training_curves.png)", ""] if curves else []),
         f"The misclassified test images are shown in [{HTML_FILE}]({HTML_FILE}).", "",
     ])
     with atomic_path(report_dir, overwrite=overwrite, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        (tmp / METRICS_FILE).write_text(metrics_json(metrics), encoding="utf-8")
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         for name, png in pictures.items():
             (tmp / f"{name}.png").write_bytes(png)

@@ -12,16 +12,9 @@ from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import BundleError, DatasetError, UnreadableImageError
 from transfer_flow.storage.feature_store import FeatureStore, read_contents, read_features
 from transfer_flow.storage.model_bundle import ModelBundle, load_head
+from transfer_flow.storage.report_metrics import Misclassified
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decode_image
-
-
-class Misclassified(BaseModel):
-    path: str = Field(description="Relative to the dataset root.")
-    true: str
-    predicted: str
-    confidence: float = Field(description="The head's score for the predicted class.")
-
 
 GALLERY_IMAGES = 48  # misclassified images kept for the report, most confident mistakes first
 THUMBNAIL_SIDE = 96

@@ -8,7 +8,6 @@ Otherwise the rule falls back to the scores each recorded on its own test split,
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from transfer_flow.storage.registry import (
     decision_markdown,
     now,
 )
+from transfer_flow.storage.report_metrics import read_metrics
 from transfer_flow.storage.run_summary import RunSummary
 from transfer_flow.tasks.logs import stage_logger
 
@@ -145,10 +145,11 @@ def decide(registry: ModelRegistry, challenger: VersionEntry, store: FeatureStor
 @task(name="register challenger", cache_policy=NONE)
 def registered_challenger(summary: RunSummary, output: str, registry: str) -> VersionEntry:
     store = open_store(Path(summary.store))
-    metrics = json.loads((Path(summary.report) / "metrics.json").read_text(encoding="utf-8"))
+    metrics = read_metrics(Path(summary.report))
     entry, is_new = ModelRegistry(registry).register(
         Path(summary.model), Path(summary.report), dataset=summary.dataset, run_output=output,
-        metrics=metrics, n_test=int(metrics["n_test"]), train_rows=row_identities(store, ("train", "val")))
+        metrics={"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1}, n_test=metrics.n_test,
+        train_rows=row_identities(store, ("train", "val")))
     stage_logger().info("registry: %s %s in %s", "registered" if is_new else "unchanged bundle, already",
                         entry.version, registry)
     return entry

@@ -25,6 +25,7 @@ from transfer_flow.storage.model_bundle import ModelBundle
 from transfer_flow.storage.output_layout import OutputLayout
 from transfer_flow.storage.predictions import refuse_existing_predictions, write_predictions
 from transfer_flow.storage.report import HTML_FILE, read_report_key, summary_markdown, write_report
+from transfer_flow.storage.report_metrics import ReportMetrics, TrainingScore
 from transfer_flow.storage.run_summary import RunSummary
 from transfer_flow.tasks.evaluation import Evaluation, evaluate_bundle, gallery_thumbnails, report_key
 from transfer_flow.tasks.extraction import (
@@ -145,30 +146,27 @@ def evaluation(training: TrainingResult, extraction: ExtractionResult) -> Evalua
 
 @task(name="write report", cache_policy=NONE)
 def report(result: Evaluation, extraction: ExtractionResult, training: TrainingResult, layout: OutputLayout,
-           refresh: bool) -> tuple[dict, bool]:
+           refresh: bool) -> tuple[ReportMetrics, bool]:
     """Write the report (unless the same head on the same rows already has one) and publish artifacts.
 
     Returns the metrics and whether the existing report was kept."""
     spec = training.bundle.metadata
     record = spec.extraction
     key = report_key(training.bundle, extraction.store)
-    metrics = {
-        "accuracy": result.accuracy, "macro_f1": result.macro_f1, "n_train": result.n_train, "n_test": result.n_test,
-        "best_params": result.best_params, "head": spec.head, "backbone": record.backbone,
-        "weights_source": extraction.weights.describe(), "image_size": record.image_size, "pooling": record.pooling,
-        "precision": record.precision, "feature_dim": spec.feature_dim,
-        "feature_dtype": record.feature_dtype, "store": str(extraction.store.path),
-        "class_names": result.class_names,
-        "per_class": result.per_class, "confusion": result.confusion,
-        "training_score": {"name": training.score_name, "value": training.cv_score},
-        "n_misclassified": result.n_misclassified,
-        "misclassified": [m.model_dump() for m in result.misclassified], "stage_key": key,
-    }
+    metrics = ReportMetrics(
+        accuracy=result.accuracy, macro_f1=result.macro_f1, n_train=result.n_train, n_test=result.n_test,
+        best_params=result.best_params, head=spec.head, backbone=record.backbone,
+        weights_source=extraction.weights.describe(), image_size=record.image_size, pooling=record.pooling,
+        precision=record.precision, feature_dim=spec.feature_dim, feature_dtype=record.feature_dtype,
+        store=str(extraction.store.path), class_names=result.class_names, per_class=result.per_class,
+        confusion=result.confusion, training_score=TrainingScore(name=training.score_name, value=training.cv_score),
+        n_misclassified=result.n_misclassified, misclassified=result.misclassified, stage_key=key,
+    )
     kept = not refresh and read_report_key(layout.report) == key  # same head on the same rows: the report stands
     if not kept:
         thumbnails = gallery_thumbnails(Path(extraction.store.attrs.get("dataset_root", "")), result.misclassified)
         write_report(layout.report, metrics, result.classification_report, overwrite=True, history=training.history,
-                     gallery=list(zip(thumbnails, metrics["misclassified"])))
+                     gallery=list(zip(thumbnails, metrics.misclassified)))
     create_markdown_artifact(key="evaluation-summary", markdown=summary_markdown(metrics),
                              description="Headline metrics of the evaluation")
     create_table_artifact(key="per-class-metrics", description="Per-class precision, recall, F1 and support",

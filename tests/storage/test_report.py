@@ -5,22 +5,23 @@ import numpy as np
 
 from tests.support import check_html
 from transfer_flow.storage.report import read_report_key, write_report
+from transfer_flow.storage.report_metrics import Misclassified, ReportMetrics, read_metrics
 
 
 def metrics(names=("cat", "dog <b>", "owl")):
     names = list(names)
-    return {"accuracy": 0.5, "macro_f1": 0.45, "n_train": 12, "n_test": 6, "best_params": {"epochs": 4},
+    return ReportMetrics(**{"accuracy": 0.5, "macro_f1": 0.45, "n_train": 12, "n_test": 6, "best_params": {"epochs": 4},
             "head": "dense", "backbone": "mobilenet_v2", "weights_source": "random", "image_size": 32,
             "pooling": "avg", "precision": "float32", "feature_dim": 1280, "feature_dtype": "float32",
             "store": "/x/features.h5", "class_names": names,
             "per_class": {n: {"precision": 0.5, "recall": 0.5, "f1-score": 0.5, "support": 2} for n in names},
-            "confusion": [[1, 1, 0], [0, 1, 1], [1, 0, 1]], "n_misclassified": 3, "stage_key": "k1"}
+            "confusion": [[1, 1, 0], [0, 1, 1], [1, 0, 1]], "n_misclassified": 3, "stage_key": "k1"})
 
 
 def test_html_is_well_formed_and_embeds_every_picture(tmp_path):
     pixels = np.full((96, 96, 3), 200, np.uint8)
-    gallery = [(pixels, {"path": "dog/a&b.png", "true": "dog <b>", "predicted": "cat", "confidence": 0.9}),
-               (None, {"path": "owl/gone.png", "true": "owl", "predicted": "cat", "confidence": 0.6})]
+    gallery = [(pixels, Misclassified(path="dog/a&b.png", true="dog <b>", predicted="cat", confidence=0.9)),
+               (None, Misclassified(path="owl/gone.png", true="owl", predicted="cat", confidence=0.6))]
     history = {"loss": [1.0, 0.6, 0.5], "val_loss": [1.1, 0.8, 0.9], "accuracy": [0.4, 0.7, 0.8],
                "val_accuracy": [0.3, 0.6, 0.6]}
     write_report(tmp_path / "report", metrics(), "text report", overwrite=False, history=history, gallery=gallery)
@@ -43,3 +44,13 @@ def test_without_curves_or_mistakes_the_page_says_so(tmp_path):
     assert not (tmp_path / "report" / "training_curves.png").exists()
     (tmp_path / "report" / "report.html").unlink()
     assert read_report_key(tmp_path / "report") is None  # an incomplete report is rewritten
+
+
+def test_metrics_json_reads_back_as_the_record_it_was_written_from(tmp_path):
+    written = metrics().model_copy(update={"misclassified": [
+        Misclassified(path="owl/x.png", true="owl", predicted="cat", confidence=0.75)]})
+    write_report(tmp_path / "report", written, "text", overwrite=False)
+    assert read_metrics(tmp_path / "report") == written
+    on_disk = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert list(on_disk)[:4] == ["accuracy", "macro_f1", "n_train", "n_test"]  # the file's keys are unchanged
+    assert on_disk["misclassified"] == [{"path": "owl/x.png", "true": "owl", "predicted": "cat", "confidence": 0.75}]

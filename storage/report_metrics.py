@@ -1,0 +1,55 @@
+"""What an evaluation's report says, as one typed record: written as report/metrics.json, read back by the
+report pages, the run summary and the registry. The JSON keys are the fields, in this order."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+METRICS_FILE = "metrics.json"
+
+
+class Misclassified(BaseModel):
+    path: str = Field(description="Relative to the dataset root.")
+    true: str
+    predicted: str
+    confidence: float = Field(description="The head's score for the predicted class.")
+
+
+class TrainingScore(BaseModel):
+    name: str = Field(description="What the head was selected by (cv accuracy, validation accuracy...).")
+    value: float
+
+
+class ReportMetrics(BaseModel):
+    accuracy: float
+    macro_f1: float
+    n_train: int
+    n_test: int
+    best_params: dict[str, Any] = Field(default_factory=dict)
+    head: str
+    backbone: str
+    weights_source: str = Field(description="For people: the weights' source and file.")
+    image_size: int
+    pooling: str
+    precision: str
+    feature_dim: int
+    feature_dtype: str = "float32"
+    store: str
+    class_names: list[str]
+    per_class: dict[str, dict[str, float]] = Field(description="precision, recall, f1-score, support per class.")
+    confusion: list[list[int]]
+    training_score: TrainingScore | None = None
+    n_misclassified: int = 0
+    misclassified: list[Misclassified] = Field(default_factory=list, description="The most confident first.")
+    stage_key: str = Field(default="", description="Cache key of the evaluation that wrote the report.")
+
+
+def metrics_json(metrics: ReportMetrics) -> str:
+    return metrics.model_dump_json(indent=2) + "\n"
+
+
+def read_metrics(report_dir: Path) -> ReportMetrics:
+    """The metrics of the report in `report_dir` (ValueError if malformed, OSError if missing)."""
+    return ReportMetrics.model_validate_json((Path(report_dir) / METRICS_FILE).read_text(encoding="utf-8"))
