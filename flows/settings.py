@@ -8,7 +8,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from transfer_flow.storage.feature_store.formats import DEFAULT_STORE_FORMAT, StoreFormatName
 from transfer_flow.tasks.extraction import ExtractionSettings
-from transfer_flow.tasks.training import HeadName, TrainingSettings
+from transfer_flow.tasks.heads import HEADS, HeadName, heads_help
+from transfer_flow.tasks.training import TrainingSettings
 
 RefreshStage = Literal["hash", "extract", "train", "report", "all"]
 
@@ -23,8 +24,7 @@ class PipelineSettings(ExtractionSettings):
     output: str = Field(description="Folder for the feature store, manifest.json, model/, report/ and run.json.")
     head: HeadName = Field(
         default="logreg",
-        description="Classifier on the features: logreg, linear-svm (grids over C), sgd (out of core), "
-        "dense (Keras MLP), gap (Keras GAP head; needs pooling flatten).",
+        description=f"Classifier on the features: {heads_help()}.",
     )
     store: StoreFormatName = Field(
         default=DEFAULT_STORE_FORMAT,
@@ -77,12 +77,13 @@ class PipelineSettings(ExtractionSettings):
         return value
 
     @model_validator(mode="after")
-    def _gap_needs_the_unpooled_map(self):
-        heads = getattr(self, "heads", None) or [self.head]
-        if "gap" in heads and self.pooling != "flatten":
-            # Checked here so the mistake costs nothing: no extraction runs with the wrong pooling.
-            raise ValueError("the gap head pools the feature map itself: it needs --pooling flatten "
-                             f"(the unpooled map), got --pooling {self.pooling}")
+    def _heads_get_the_pooling_they_need(self):
+        for head in getattr(self, "heads", None) or [self.head]:
+            needed = HEADS[head].needs_pooling
+            if needed is not None and self.pooling != needed:
+                # Checked here so the mistake costs nothing: no extraction runs with the wrong pooling.
+                raise ValueError(f"the {head} head needs --pooling {needed} ({HEADS[head].description}), "
+                                 f"got --pooling {self.pooling}")
         return self
 
     def extraction(self) -> ExtractionSettings:

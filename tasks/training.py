@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -19,20 +18,17 @@ from transfer_flow.storage.feature_store import (
 )
 from transfer_flow.storage.model_bundle import BundleMetadata, ModelBundle, head_matches, load_bundle, save_bundle
 from transfer_flow.tasks.backbones import get_backbone
-from transfer_flow.tasks.heads import fit_dense, fit_gap, fit_linear_svm, fit_logreg, fit_sgd
+from transfer_flow.tasks.heads import HEADS, HeadInputs, HeadName, heads_help
 
 CLASSIC_C_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]  # the classic recipe's grid
 
-
-HeadName = Literal["logreg", "linear-svm", "sgd", "dense", "gap"]
+__all__ = ["HeadName", "TrainingResult", "TrainingSettings", "train_head", "training_key"]
 
 
 class TrainingSettings(BaseModel):
     head: HeadName = Field(
         default="logreg",
-        description="Classifier trained on the frozen features: logreg or "
-        "linear-svm (grid over C), sgd (out of core, store read in blocks), dense (Keras MLP), gap (Keras global "
-        "average pooling over the unpooled map: needs --pooling flatten).",
+        description=f"Classifier trained on the frozen features: {heads_help()}.",
     )
     c_grid: list[float] = Field(
         default_factory=lambda: list(CLASSIC_C_GRID),
@@ -63,10 +59,7 @@ class TrainingSettings(BaseModel):
 
     def head_settings(self) -> dict:
         """The settings that decide this head (what the stage key and the bundle record)."""
-        own = {"logreg": ("c_grid", "cv_folds", "max_iter"), "linear-svm": ("c_grid", "cv_folds", "max_iter"),
-               "sgd": ("sgd_alpha", "sgd_epochs", "sgd_block_rows"),
-               "dense": ("epochs", "patience", "validation_fraction", "dense_batch_size", "learning_rate"),
-               "gap": ("epochs", "patience", "validation_fraction", "dense_batch_size", "learning_rate")}[self.head]
+        own = HEADS[self.head].settings
         return {"head": self.head, "seed": self.seed, **{name: getattr(self, name) for name in own}}
 
 
@@ -109,12 +102,13 @@ def extraction_of(store: FeatureStore) -> ExtractionRecord:
     return store.extraction
 
 
-def feature_map_shape(store: FeatureStore) -> tuple[int, int, int]:
-    """(height, width, channels) of the unpooled map a `--pooling flatten` store holds, for the gap head."""
+def feature_map_shape(store: FeatureStore, head: str) -> tuple[int, int, int]:
+    """(height, width, channels) of the unpooled map a `--pooling flatten` store holds, for a head that pools
+    it itself (gap)."""
     record = extraction_of(store)
     if record.pooling != "flatten":
-        raise SettingsError(f"--head gap pools the backbone's feature map itself: it needs a store of unpooled maps "
-                            f"(--pooling flatten), this one is pooled with {record.pooling}")
+        raise SettingsError(f"--head {head} pools the backbone's feature map itself: it needs a store of unpooled "
+                            f"maps (--pooling flatten), this one is pooled with {record.pooling}")
     spec = get_backbone(record.backbone)
     side = -(-record.image_size // spec.total_stride)
     if side * side * spec.channels != store.feature_dim:
@@ -144,24 +138,16 @@ def train_head(
         raise DatasetError("After skipping unreadable images, these classes have fewer than 2 training images: "
                            + ", ".join(thin))
     is_val = split[rows] == "val"
+    spec = HEADS[settings.head]
+    inputs = HeadInputs(rows=rows, labels=labels, is_val=is_val, n_classes=len(contents.label_names),
+                        read=lambda some: read_features(store, some),
+                        block_rows=settings.sgd_block_rows or rows_per_chunk(store.feature_dim),
+                        map_shape=feature_map_shape(store, spec.name) if spec.needs_pooling == "flatten" else None)
     fit_started = time.perf_counter()
-    n_classes = len(contents.label_names)
-    if settings.head == "sgd":  # out of core: blocks of rows read from the store as the fit goes
-        block_rows = settings.sgd_block_rows or rows_per_chunk(store.feature_dim)
-        head, summary = fit_sgd(lambda some: read_features(store, some), rows, labels, is_val, n_classes, block_rows,
-                                settings)
-    else:
-        features = read_features(store, rows)
-        if settings.head == "dense":
-            head, summary = fit_dense(features, labels, is_val, n_classes, settings)
-        elif settings.head == "gap":
-            head, summary = fit_gap(features, labels, is_val, n_classes, feature_map_shape(store), settings)
-        else:
-            head, summary = {"logreg": fit_logreg, "linear-svm": fit_linear_svm}[settings.head](
-                features, labels, is_val, settings)
+    head, summary = spec.fit(inputs, settings)
     bundle = save_bundle(bundle_dir, head, BundleMetadata(
         extraction=record, feature_dim=store.feature_dim, class_names=contents.label_names,
-        head=settings.head,
+        head=settings.head, head_format=spec.head_format,
         head_params={**settings.head_settings(), **summary["best_params"]}, store_fingerprint=store.fingerprint(),
         stage_key=key,
         training_summary={"n_train": len(rows), **summary, "fit_seconds": time.perf_counter() - fit_started},

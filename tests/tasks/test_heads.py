@@ -9,7 +9,7 @@ from transfer_flow.storage.errors import BundleError
 from transfer_flow.storage.feature_store import create_store, open_store
 from transfer_flow.storage.model_bundle import KERAS_HEAD_FILE, load_bundle, load_head
 from transfer_flow.tasks.evaluation import evaluate_bundle
-from transfer_flow.tasks.heads import class_probabilities
+from transfer_flow.tasks.heads import HEADS, HeadName, class_probabilities
 from transfer_flow.tasks.training import TrainingSettings, train_head, training_key
 
 ATTRS = STORE_ATTRS
@@ -25,7 +25,7 @@ def test_head_trains_predicts_and_round_trips(head, tmp_path):
     settings = TrainingSettings(head=head, **TINY[head])
     training = train_head(store, tmp_path / "model", settings)
     meta = training.bundle.metadata
-    assert meta.head == head and meta.head_format == ("keras" if head == "dense" else "skops")
+    assert meta.head == head and meta.head_format == HEADS[head].head_format
     assert (tmp_path / "model" / ("head.keras" if head == "dense" else "head.skops")).is_file()
     assert 0 <= training.cv_score <= 1 and training.best_params
     result = evaluate_bundle(training.bundle, store, n_train=training.n_train)
@@ -43,6 +43,17 @@ def test_head_trains_predicts_and_round_trips(head, tmp_path):
 
     again = train_head(store, tmp_path / "model", settings)
     assert again.cached and again.bundle.metadata.head_sha256 == meta.head_sha256
+
+
+def test_every_registered_head_is_a_choice_and_is_exercised_here():
+    from typing import get_args
+
+    from transfer_flow.flows.settings import PipelineSettings
+
+    assert list(get_args(HeadName)) == list(HEADS)
+    assert get_args(PipelineSettings.model_fields["head"].annotation) == get_args(HeadName)
+    assert set(TINY) | {"gap"} == set(HEADS)  # gap: test_gap_head_pools_the_stored_map_and_round_trips
+    assert all(spec.description and spec.head_format in ("skops", "keras") for spec in HEADS.values())
 
 
 def test_stage_key_names_the_head_and_only_its_own_settings(tmp_path):
@@ -127,5 +138,5 @@ def test_gap_with_pooled_settings_fails_before_any_work(tmp_path, capsys):
         CompareSettings(dataset=str(tmp_path), output=str(tmp_path / "out"), heads=["logreg", "gap"])
     PipelineSettings(dataset=str(tmp_path), output=str(tmp_path / "out"), head="gap", pooling="flatten")
     assert main(["run", str(tmp_path), "-o", str(tmp_path / "out"), "--head", "gap"]) == EXIT_USER_ERROR
-    assert "transfer-flow: error: the gap head pools the feature map itself" in capsys.readouterr().err
+    assert "transfer-flow: error: the gap head needs --pooling flatten" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,79 @@
+"""dense and gap: small Keras heads trained with Adam and early stopping, saved as .keras."""
+from __future__ import annotations
+
+import numpy as np
+
+from transfer_flow.tasks.heads.inputs import HeadInputs
+
+
+def _carve_validation(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A stratified validation mask of about `fraction` of the rows, at least one row per class."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        mask[members[:max(1, min(len(members) - 1, round(fraction * len(members))))]] = True
+    return mask
+
+
+def _standardise(columns: np.ndarray, name: str):
+    import keras
+
+    normalise = keras.layers.Normalization(name=name)
+    normalise.adapt(columns)
+    return normalise
+
+
+def _fit_keras(build, features, labels, is_val, settings) -> tuple[object, dict]:
+    """Adam; early stopping on val/ or a stratified validation split carved from train; the best
+    epoch's weights kept. `build(train_features)` returns the uncompiled model."""
+    import keras
+
+    keras.utils.set_random_seed(settings.seed)
+    val = is_val if is_val.any() else _carve_validation(labels, settings.validation_fraction, settings.seed)
+    model = build(features[~val])
+    model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience, restore_best_weights=True)
+    fitted = model.fit(features[~val], labels[~val], validation_data=(features[val], labels[val]),
+                       epochs=settings.epochs, batch_size=settings.dense_batch_size, callbacks=[stop], verbose=0,
+                       shuffle=True)
+    history = {name: [float(v) for v in values] for name, values in fitted.history.items()}
+    best = int(np.argmin(history["val_loss"]))
+    return model, {"best_params": {"epochs": best + 1}, "cv_score": history["val_accuracy"][best],
+                   "score_name": "val accuracy", "history": history}
+
+
+def fit_dense(data: HeadInputs, settings) -> tuple[object, dict]:
+    """Standardise → Dense 256 ReLU → Dropout 0.5 → softmax."""
+    import keras
+
+    features = data.features()
+
+    def build(train: np.ndarray):
+        inputs = keras.Input((features.shape[1],), name="features")
+        hidden = keras.layers.Dense(256, activation="relu", name="hidden")(_standardise(train, "standardise")(inputs))
+        hidden = keras.layers.Dropout(0.5, name="dropout")(hidden)
+        outputs = keras.layers.Dense(data.n_classes, activation="softmax", name="classes")(hidden)
+        return keras.Model(inputs, outputs, name="dense_head")
+
+    return _fit_keras(build, features, data.labels, data.is_val, settings)
+
+
+def fit_gap(data: HeadInputs, settings) -> tuple[object, dict]:
+    """The unpooled feature map (stored flattened, row-major height × width × channels, by
+    `--pooling flatten`) → reshape → global average pooling → standardise → Dropout 0.5 → softmax:
+    the pooling happens inside the head."""
+    import keras
+
+    features, map_shape = data.features(), data.map_shape
+
+    def build(train: np.ndarray):
+        pooled_train = train.reshape(len(train), *map_shape).mean(axis=(1, 2))
+        inputs = keras.Input((features.shape[1],), name="feature_map")
+        pooled = keras.layers.GlobalAveragePooling2D(name="gap")(keras.layers.Reshape(map_shape, name="map")(inputs))
+        hidden = keras.layers.Dropout(0.5, name="dropout")(_standardise(pooled_train, "standardise")(pooled))
+        outputs = keras.layers.Dense(data.n_classes, activation="softmax", name="classes")(hidden)
+        return keras.Model(inputs, outputs, name="gap_head")
+
+    return _fit_keras(build, features, data.labels, data.is_val, settings)

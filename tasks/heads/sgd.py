@@ -1,0 +1,38 @@
+"""sgd: a logistic-loss linear head trained out of core, the store read in blocks, never all at once."""
+from __future__ import annotations
+
+import numpy as np
+
+from transfer_flow.tasks.heads.inputs import HeadInputs
+
+
+def fit_sgd(data: HeadInputs, settings) -> tuple[object, dict]:
+    """One pass fits a StandardScaler incrementally, then
+    `sgd_epochs` passes of SGDClassifier.partial_fit (logistic loss, so it has predict_proba) over the
+    blocks in a seeded, shuffled order. The val/ rows, when there are any, are held out and scored;
+    otherwise the score is the accuracy on the train rows.
+    """
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rows, labels, is_val, block_rows = data.rows, data.labels, data.is_val, data.block_rows
+    rng = np.random.default_rng(settings.seed)
+    fit_rows, fit_labels = (rows[~is_val], labels[~is_val]) if is_val.any() else (rows, labels)
+    blocks = [np.arange(start, min(start + block_rows, len(fit_rows))) for start in range(0, len(fit_rows), block_rows)]
+    scaler = StandardScaler()
+    for block in blocks:
+        scaler.partial_fit(data.read(fit_rows[block]))
+    sgd = SGDClassifier(loss="log_loss", alpha=settings.sgd_alpha, random_state=settings.seed)
+    classes = np.arange(data.n_classes)
+    for _ in range(settings.sgd_epochs):
+        for b in rng.permutation(len(blocks)):
+            block = blocks[b][rng.permutation(len(blocks[b]))]
+            sgd.partial_fit(scaler.transform(data.read(fit_rows[block])), fit_labels[block], classes=classes)
+    head = Pipeline([("scale", scaler), ("sgd", sgd)])
+    score_rows, score_labels = (rows[is_val], labels[is_val]) if is_val.any() else (rows, labels)
+    correct = sum(int((head.predict(data.read(score_rows[s:s + block_rows])) == score_labels[s:s + block_rows]).sum())
+                  for s in range(0, len(score_rows), block_rows))
+    return head, {"best_params": {"alpha": settings.sgd_alpha, "epochs": settings.sgd_epochs},
+                  "cv_score": correct / max(1, len(score_rows)),
+                  "score_name": "val accuracy" if is_val.any() else "train accuracy"}
