@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from transfer_flow.tasks.heads.inputs import HeadInputs
+from transfer_flow.tasks.heads.standardise import floored_std
 
 
 def _carve_validation(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -17,11 +18,12 @@ def _carve_validation(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
 
 
 def _standardise(columns: np.ndarray, name: str):
+    """A Normalization layer with the train rows' means and floored deviations (see standardise.py), fixed
+    in the saved model rather than adapted (adapt would divide a near-constant column by ~1e-7)."""
     import keras
 
-    normalise = keras.layers.Normalization(name=name)
-    normalise.adapt(columns)
-    return normalise
+    return keras.layers.Normalization(mean=columns.mean(axis=0), variance=floored_std(columns.std(axis=0)) ** 2,
+                                      name=name)
 
 
 def _fit_keras(build, features, labels, is_val, settings) -> tuple[object, dict]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from transfer_flow.tasks.heads.inputs import HeadInputs
+from transfer_flow.tasks.heads.standardise import floored_std
 
 
 def fit_sgd(data: HeadInputs, settings) -> tuple[object, dict]:
-    """One pass fits a StandardScaler incrementally, then
+    """One pass fits a StandardScaler incrementally (its deviations then floored: see standardise.py), then
     `sgd_epochs` passes of SGDClassifier.partial_fit (logistic loss, so it has predict_proba) over the
     blocks in a seeded, shuffled order. The val/ rows, when there are any, are held out and scored;
     otherwise the score is the accuracy on the train rows.
@@ -23,6 +24,7 @@ def fit_sgd(data: HeadInputs, settings) -> tuple[object, dict]:
     scaler = StandardScaler()
     for block in blocks:
         scaler.partial_fit(data.read(fit_rows[block]))
+    scaler.scale_ = floored_std(np.sqrt(scaler.var_))
     sgd = SGDClassifier(loss="log_loss", alpha=settings.sgd_alpha, random_state=settings.seed)
     classes = np.arange(data.n_classes)
     for _ in range(settings.sgd_epochs):
