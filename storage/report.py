@@ -36,12 +36,32 @@ def _params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "—"
 
 
+def _interval_text(metrics: ReportMetrics) -> str:
+    interval = metrics.accuracy_ci
+    return f" (95% interval {interval[0]:.3f}–{interval[1]:.3f}, Wilson)" if interval else ""
+
+
+def baseline_lines(metrics: ReportMetrics) -> list[str]:
+    """The baselines in a sentence, and a plain warning when the features do not beat raw pixels."""
+    compared = metrics.baselines
+    if compared is None:
+        return []
+    raw = compared.raw_pixels
+    lines = [f"baselines on the same split: majority class {compared.majority:.4f}, logistic regression on "
+             f"16x16 raw pixels " + (f"{raw:.4f}" if raw is not None else "not computed (images unreadable now)")]
+    if raw is not None and metrics.accuracy <= raw:
+        lines.append(f"these {metrics.backbone} features do not beat raw pixels ({metrics.accuracy:.4f} vs "
+                     f"{raw:.4f}): try another backbone, a larger image size, or fine-tuning")
+    return lines
+
+
 def summary_markdown(metrics: ReportMetrics) -> str:
     """The headline block shared by report.md and the Prefect markdown artifact."""
     return "\n".join([
         f"# transfer-flow report: {metrics.backbone} + {metrics.head}",
         "",
-        f"- accuracy: **{metrics.accuracy:.4f}**, macro F1: **{metrics.macro_f1:.4f}**",
+        f"- accuracy: **{metrics.accuracy:.4f}**{_interval_text(metrics)}, macro F1: **{metrics.macro_f1:.4f}**",
+        *[f"- {line}" for line in baseline_lines(metrics)],
         f"- train / test images: {metrics.n_train} / {metrics.n_test}",
         f"- best {_params_text(metrics.best_params)}",
         f"- weights: {metrics.weights_source}; image size {metrics.image_size}, pooling {metrics.pooling}, "
@@ -111,6 +131,7 @@ background:#eee}
 .gallery .missing{width:150px;height:150px;border:1px dashed #ccc;display:flex;align-items:center;
 justify-content:center;color:#999}
 figcaption{overflow-wrap:anywhere}.wrong{color:#b00020}
+.warning{background:#fff4d6;border-left:4px solid #e0a800;padding:.5rem .8rem}
 """
 
 
@@ -120,8 +141,15 @@ def report_html(metrics: ReportMetrics, pictures: dict[str, bytes],
     elements are self-closed, so the page is well-formed XML too (xml.etree reads it)."""
     e = html.escape
     names = metrics.class_names
-    cards = [("accuracy", f"{metrics.accuracy:.4f}"), ("macro F1", f"{metrics.macro_f1:.4f}"),
+    interval = metrics.accuracy_ci
+    accuracy_label = f"accuracy (95% CI {interval[0]:.3f}–{interval[1]:.3f})" if interval else "accuracy"
+    cards = [(accuracy_label, f"{metrics.accuracy:.4f}"), ("macro F1", f"{metrics.macro_f1:.4f}"),
              ("train images", str(metrics.n_train)), ("test images", str(metrics.n_test))]
+    if metrics.baselines is not None:
+        cards.append(("baseline: majority class", f"{metrics.baselines.majority:.4f}"))
+        if metrics.baselines.raw_pixels is not None:
+            cards.append(("baseline: raw 16x16 pixels + logreg", f"{metrics.baselines.raw_pixels:.4f}"))
+    notes = baseline_lines(metrics)[1:]
     settings = [("head", metrics.head), ("best", _params_text(metrics.best_params)),
                 ("backbone", metrics.backbone), ("weights", metrics.weights_source),
                 ("image size", metrics.image_size), ("pooling", metrics.pooling),
@@ -140,7 +168,7 @@ def report_html(metrics: ReportMetrics, pictures: dict[str, bytes],
         f"<style>{_STYLE}</style>", "</head>", "<body>",
         f"<h1>transfer-flow report: {e(metrics.backbone)} + {e(metrics.head)}</h1>",
         '<div class="cards">', *[f"<div class=\"card\"><b>{e(v)}</b><span>{e(k)}</span></div>" for k, v in cards],
-        "</div>",
+        "</div>", *[f'<p class="warning">{e(note)}</p>' for note in notes],
         '<h2>Run</h2>', '<table class="settings">',
         *[f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in settings], "</table>",
         "<h2>Per-class metrics</h2>", "<table>",

@@ -22,11 +22,26 @@ class TrainingScore(BaseModel):
     value: float
 
 
+class Baselines(BaseModel):
+    """The same split scored without the CNN features: what the headline must beat."""
+
+    majority: float = Field(description="Accuracy of always answering the most frequent training class.")
+    raw_pixels: float | None = Field(
+        default=None,
+        description="Logistic regression (the same C grid, cross-validated) on the images downsampled to 16x16 "
+        "RGB; None when the images cannot be read now.",
+    )
+
+
 class ReportMetrics(BaseModel):
     accuracy: float
     macro_f1: float
     n_train: int
     n_test: int
+    accuracy_ci: tuple[float, float] | None = Field(
+        default=None, description="95% Wilson score interval of the accuracy over the test images."
+    )
+    baselines: Baselines | None = None
     best_params: dict[str, Any] = Field(default_factory=dict)
     head: str
     backbone: str

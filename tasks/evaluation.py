@@ -12,9 +12,11 @@ from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import BundleError, DatasetError, UnreadableImageError
 from transfer_flow.storage.feature_store import FeatureStore, read_contents, read_features
 from transfer_flow.storage.model_bundle import ModelBundle, load_head
-from transfer_flow.storage.report_metrics import Misclassified
+from transfer_flow.storage.report_metrics import Baselines, Misclassified
+from transfer_flow.tasks.baselines import accuracy_interval, baselines
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decode_image
+from transfer_flow.tasks.training import CLASSIC_C_GRID
 
 GALLERY_IMAGES = 48  # misclassified images kept for the report, most confident mistakes first
 THUMBNAIL_SIDE = 96
@@ -23,7 +25,9 @@ THUMBNAIL_SIDE = 96
 class Evaluation(BaseModel):
     class_names: list[str]
     accuracy: float
+    accuracy_ci: tuple[float, float] = Field(description="95% Wilson score interval over the test images.")
     macro_f1: float
+    baselines: Baselines = Field(description="The same split scored without the CNN features.")
     n_train: int
     n_test: int
     per_class: dict[str, dict[str, float]]
@@ -37,7 +41,7 @@ class Evaluation(BaseModel):
     seconds: float
 
 
-REPORT_CODE_VERSION = 2  # bump when the same evaluation would give another report (2: report.html)
+REPORT_CODE_VERSION = 3  # bump when the same evaluation would give another report (2: report.html, 3: baselines)
 
 
 def report_key(bundle: ModelBundle, store: FeatureStore) -> str:
@@ -76,12 +80,19 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
     misclassified = [Misclassified(path=contents.paths[rows[i]], true=names[truth[i]], predicted=names[predicted[i]],
                                    confidence=float(probabilities[i, predicted[i]])) for i in wrong[:GALLERY_IMAGES]]
+    train_rows = np.flatnonzero(np.isin(np.asarray(contents.split), ["train", "val"]))
+    params = bundle.metadata.head_params
+    compared = baselines(Path(store.attrs.get("dataset_root", "")), [contents.paths[i] for i in train_rows],
+                         contents.labels[train_rows], [contents.paths[i] for i in rows], truth,
+                         params.get("c_grid") or CLASSIC_C_GRID, int(params.get("seed", 42)))
     indices = list(range(len(names)))
     report = classification_report(truth, predicted, labels=indices, target_names=names, output_dict=True,
                                    zero_division=0)
     return Evaluation(
         class_names=names,
         accuracy=float(accuracy_score(truth, predicted)),
+        accuracy_ci=accuracy_interval(int((predicted == truth).sum()), len(rows)),
+        baselines=compared,
         macro_f1=float(f1_score(truth, predicted, labels=indices, average="macro", zero_division=0)),
         n_train=n_train, n_test=len(rows),
         per_class={name: {k: float(v) for k, v in report[name].items()} for name in names},

@@ -154,7 +154,8 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
     record = spec.extraction
     key = report_key(training.bundle, extraction.store)
     metrics = ReportMetrics(
-        accuracy=result.accuracy, macro_f1=result.macro_f1, n_train=result.n_train, n_test=result.n_test,
+        accuracy=result.accuracy, accuracy_ci=result.accuracy_ci, baselines=result.baselines,
+        macro_f1=result.macro_f1, n_train=result.n_train, n_test=result.n_test,
         best_params=result.best_params, head=spec.head, backbone=record.backbone,
         weights_source=extraction.weights.describe(), image_size=record.image_size, pooling=record.pooling,
         precision=record.precision, feature_dim=spec.feature_dim, feature_dtype=record.feature_dtype,

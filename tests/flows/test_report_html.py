@@ -33,6 +33,20 @@ def test_dense_report_is_self_contained_html_with_curves_and_gallery(dense_run):
     assert f"{summary.accuracy:.4f}" in page
 
 
+def test_metrics_carry_an_interval_and_baselines_on_the_same_split(dense_run):
+    _, _, output = dense_run
+    metrics = json.loads((output / "report" / "metrics.json").read_text())
+    low, high = metrics["accuracy_ci"]
+    assert 0 <= low <= metrics["accuracy"] <= high <= 1 and high - low > 0.05  # a few dozen test images
+    majority = max(metrics["per_class"].values(), key=lambda scores: scores["support"])["support"] / metrics["n_test"]
+    # The most frequent train class need not be the most frequent test class: at most that share.
+    assert 0 < metrics["baselines"]["majority"] <= majority
+    # Plain colours: 16x16 raw pixels separate them almost perfectly.
+    assert metrics["baselines"]["raw_pixels"] >= 0.9
+    page = (output / "report" / "report.html").read_text()
+    assert "baseline: raw 16x16 pixels" in page and f"{metrics['baselines']['raw_pixels']:.4f}" in page
+
+
 def test_report_link_artifact_points_at_the_html(dense_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

@@ -5,7 +5,7 @@ import numpy as np
 
 from tests.support import check_html
 from transfer_flow.storage.report import read_report_key, write_report
-from transfer_flow.storage.report_metrics import Misclassified, ReportMetrics, read_metrics
+from transfer_flow.storage.report_metrics import Baselines, Misclassified, ReportMetrics, read_metrics
 
 
 def metrics(names=("cat", "dog <b>", "owl")):
@@ -54,3 +54,18 @@ def test_metrics_json_reads_back_as_the_record_it_was_written_from(tmp_path):
     on_disk = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert list(on_disk)[:4] == ["accuracy", "macro_f1", "n_train", "n_test"]  # the file's keys are unchanged
     assert on_disk["misclassified"] == [{"path": "owl/x.png", "true": "owl", "predicted": "cat", "confidence": 0.75}]
+
+
+def test_headline_shows_the_interval_and_baselines_and_warns_when_raw_pixels_win(tmp_path):
+    losing = metrics().model_copy(update={"accuracy": 0.905, "accuracy_ci": (0.874, 0.930),
+                                          "baselines": Baselines(majority=0.102, raw_pixels=0.974)})
+    write_report(tmp_path / "losing", losing, "text", overwrite=False)
+    page = (tmp_path / "losing" / "report.html").read_text()
+    check_html(page)
+    assert "95% CI 0.874–0.930" in page and "0.1020" in page and "0.9740" in page
+    assert "do not beat raw pixels" in page and "fine-tuning" in page
+    assert "do not beat raw pixels" in (tmp_path / "losing" / "report.md").read_text()
+
+    winning = losing.model_copy(update={"accuracy": 0.99, "accuracy_ci": (0.97, 1.0)})
+    write_report(tmp_path / "winning", winning, "text", overwrite=False)
+    assert "do not beat raw pixels" not in (tmp_path / "winning" / "report.html").read_text()

@@ -1,0 +1,67 @@
+"""What the headline is measured against, on the same split: a majority-class guess and logistic regression
+on the raw pixels. If the CNN features do not beat raw pixels, the backbone is not earning its keep."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from transfer_flow.storage.report_metrics import Baselines
+from transfer_flow.tasks.heads.linear import grid_search
+from transfer_flow.tasks.images import decoded_batches
+
+RAW_PIXELS_SIDE = 16  # images downsampled to 16 x 16 RGB: 768 raw features
+RAW_PIXELS_MAX_TRAIN = 5000  # train rows the raw-pixel fit samples at most, so large datasets stay cheap
+
+
+def accuracy_interval(correct: int, total: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy of `correct` out of `total` test images."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(int(correct), int(total)).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def majority_accuracy(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
+    return float(np.mean(test_labels == np.bincount(train_labels).argmax()))
+
+
+def _raw_pixels(root: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels in [0, 1], flattened; mask of the images that decoded)."""
+    decoded = [image for batch in decoded_batches([root / p for p in paths], RAW_PIXELS_SIDE, 256) for image in batch]
+    readable = np.array([not isinstance(image, str) for image in decoded], bool)
+    pixels = np.stack([image.reshape(-1) for image in decoded if not isinstance(image, str)] or
+                      [np.zeros(RAW_PIXELS_SIDE * RAW_PIXELS_SIDE * 3, np.uint8)])
+    return pixels.astype(np.float32) / 255.0, readable
+
+
+def raw_pixel_accuracy(root: Path, train_paths: list[str], train_labels: np.ndarray, test_paths: list[str],
+                       test_labels: np.ndarray, c_grid: list[float], seed: int) -> float | None:
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.permutation(len(train_paths))[:RAW_PIXELS_MAX_TRAIN])
+    train_x, train_ok = _raw_pixels(root, [train_paths[i] for i in keep])
+    test_x, test_ok = _raw_pixels(root, test_paths)
+    classes, train_y = np.unique(train_labels[keep][train_ok], return_inverse=True)
+    if not test_ok.any() or len(classes) < 2 or np.bincount(train_y).min() < 2:
+        return None  # too little left to cross-validate C
+    head, _ = grid_search(LogisticRegression(max_iter=1000), c_grid, train_x, train_y, np.zeros(len(train_y), bool),
+                          3, seed, 1000)
+    return float(np.mean(classes[head.predict(test_x)] == test_labels[test_ok]))
+
+
+@lru_cache(maxsize=8)  # compare evaluates several heads on one store: the baselines are the same for each
+def _cached(root: str, train_paths: tuple[str, ...], train_labels: tuple[int, ...], test_paths: tuple[str, ...],
+            test_labels: tuple[int, ...], c_grid: tuple[float, ...], seed: int) -> Baselines:
+    train_y, test_y = np.array(train_labels), np.array(test_labels)
+    return Baselines(majority=majority_accuracy(train_y, test_y),
+                     raw_pixels=raw_pixel_accuracy(Path(root), list(train_paths), train_y, list(test_paths), test_y,
+                                                   list(c_grid), seed))
+
+
+def baselines(root: Path, train_paths: list[str], train_labels: np.ndarray, test_paths: list[str],
+              test_labels: np.ndarray, c_grid: list[float], seed: int) -> Baselines:
+    return _cached(str(root), tuple(train_paths), tuple(int(v) for v in train_labels), tuple(test_paths),
+                   tuple(int(v) for v in test_labels), tuple(c_grid), seed)
