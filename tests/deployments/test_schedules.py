@@ -105,12 +105,28 @@ def _runs_of(api: str, deployment: str):
 
 
 def pause(api: str, deployment: str) -> None:
+    """Pause the deployment's schedule and drop the runs it already queued (late ones included)."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: api}):
         with get_client(sync_client=True) as client:
-            client.pause_deployment(client.read_deployment_by_name(deployment).id)
+            deployment_id = client.read_deployment_by_name(deployment).id
+            client.pause_deployment(deployment_id)
+            queued = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+            for run in queued:
+                client.delete_flow_run(run.id)
 
 
 def wait_for_final_run(served, deployment: str, accept=lambda run: True):
@@ -145,7 +161,8 @@ def test_the_scheduled_retrain_uses_the_head_and_store_serve_was_given(served):
 
 def test_a_dataset_arriving_in_the_polled_inbox_is_trained_on(served):
     api, inbox, home, _, _ = served
-    # A retrain every minute, each longer than a minute on loaded cores, would keep both --limit slots busy.
+    # A retrain every minute, each longer than a minute on loaded cores, would keep both --limit slots busy
+    # (and the late ones, queued earlier than the dataset's run, would go first).
     pause(api, "train-and-promote/retrain")
     for k, (name, colour) in enumerate({"ochre": (200, 150, 40), "teal": (20, 140, 140)}.items()):
         write_colour_images(inbox / "paints" / name, colour, 6, seed=20 + k)
