@@ -20,6 +20,8 @@ from transfer_flow.tasks.training import HeadName
 EXIT_USER_ERROR = 2
 # Settings fields given as positional arguments, named in errors as the usage line shows them.
 POSITIONAL_NAMES = {"dataset": "DATASET", "bundle": "BUNDLE", "paths": "PATH"}
+# What extraction and prediction import first (seconds of start-up): imported while the Prefect API starts.
+BACKBONE_MODULES = ("tensorflow", "keras")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "classifier → evaluation report, run as a Prefect flow.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also print Prefect's own lines (each task's final state, the temporary server)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -86,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     # entry point, so the arrows point from each group to this root and never back.
     for group in entry_points(group="transfer_flow.commands"):
         group.load()(commands)
+    for command in commands.choices.values():  # also after the command: `transfer-flow run ... --debug`
+        # SUPPRESS: not given after the command, the value given (or not) before it stands.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show full tracebacks on errors")
+        command.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                             help="also print Prefect's own lines (each task's final state, the temporary server)")
     return parser
 
 
@@ -99,7 +109,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_pipeline(settings) -> int:
     from transfer_flow.flows.pipeline import transfer_learning
+    from transfer_flow.flows.prefect_api import start_api_while_importing
+    from transfer_flow.flows.preflight import check_pipeline
 
+    check_pipeline(settings)  # before a Prefect server is started for the flow
+    start_api_while_importing(*BACKBONE_MODULES)
     summary = transfer_learning(settings)
     print(f"\naccuracy {summary.accuracy:.4f}, macro F1 {summary.macro_f1:.4f} ({summary.images_extracted} images "
           f"extracted, {summary.images_reused} reused, {len(summary.images_skipped)} skipped)")
@@ -123,8 +137,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from transfer_flow.flows.compare import compare_heads
+    from transfer_flow.flows.prefect_api import start_api_while_importing
+    from transfer_flow.flows.preflight import check_pipeline
 
-    summary = compare_heads(CompareSettings.model_validate(given_settings(args, CompareSettings)))
+    settings = CompareSettings.model_validate(given_settings(args, CompareSettings))
+    check_pipeline(settings)  # before a Prefect server is started for the flow
+    start_api_while_importing(*BACKBONE_MODULES)
+    summary = compare_heads(settings)
     print()
     print(Path(summary.table_markdown).read_text(encoding="utf-8"))
     print(f"table:   {summary.table_csv}")
@@ -133,12 +152,16 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from transfer_flow.flows.predict import batch_prediction
+    from transfer_flow.flows.prefect_api import start_api_while_importing
+    from transfer_flow.flows.preflight import check_prediction
     from transfer_flow.storage.predictions import predictions_csv_text
 
     settings = PredictionSettings.model_validate(given_settings(args, PredictionSettings))
+    check_prediction(settings)  # before a Prefect server is started for the flow
+    start_api_while_importing(*BACKBONE_MODULES)
     summary = batch_prediction(settings)
     if settings.output is None:
-        sys.stdout.write(predictions_csv_text([r.csv_row(settings.top_k) for r in summary.rows], settings.top_k))
+        sys.stdout.write(predictions_csv_text([r.csv_row(summary.top_k) for r in summary.rows], summary.top_k))
     else:
         print(f"\n{summary.images} images labelled ({summary.failed} unreadable) → {settings.output}")
     return 0
@@ -167,14 +190,66 @@ class _UserErrorsWithoutTraceback(logging.Filter):
         return True
 
 
+class _PrefectChatter(logging.Filter):
+    """Lines of Prefect's that are about Prefect, not the user's run: each task's `Finished in state Completed()`
+    (kept in the run's log in the UI) and the temporary server's start and stop notices. Shown with --verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "prefect.task_runs":
+            return not record.getMessage().startswith("Finished in state Completed")
+        if record.name == "prefect":
+            return not record.getMessage().startswith(("Starting temporary server", "Stopping temporary server"))
+        return True
+
+
+def _quiet_environment() -> None:
+    """TensorFlow reads this once, at its import (later, inside the flow); a user's own value wins."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up banners
+
+
+@contextlib.contextmanager
+def _temporary_server_defaults():
+    """Prefect settings for the temporary server Prefect starts when no API is configured; a user's own wins.
+
+    No telemetry: the tool works offline, and the failed sends logged an ERROR line on every command. Time to
+    start on a busy small machine: Prefect's 20 s default ran out under load. (Prefect reads the environment
+    once, at import, before `main` runs: hence settings, not environment variables.)"""
+    from prefect.settings import (
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    defaults = {PREFECT_SERVER_ANALYTICS_ENABLED: False, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90}
+    with temporary_settings(updates={s: v for s, v in defaults.items() if s.name not in os.environ}):
+        yield
+
+
+_USER_ERRORS = _UserErrorsWithoutTraceback()
+_CHATTER = _PrefectChatter()
+
+
+def _quiet_console(verbose: bool, debug: bool) -> None:
+    import prefect.main  # noqa: F401  (configures Prefect's logging: its console handler sits on the root logger)
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        logger.removeFilter(_USER_ERRORS) if debug else logger.addFilter(_USER_ERRORS)
+    for handler in logging.getLogger().handlers:
+        handler.removeFilter(_CHATTER) if verbose else handler.addFilter(_CHATTER)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banners drown the progress lines
-    if not args.debug:
-        for name in ("prefect.flow_runs", "prefect.task_runs"):
-            logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
+    _quiet_environment()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in FLOW_COMMANDS + SERVER_COMMANDS:
+        _quiet_console(args.verbose, args.debug)
     try:
-        with _prefect_api(args.command):
+        with contextlib.ExitStack() as prefect:
+            if args.command in FLOW_COMMANDS + SERVER_COMMANDS:
+                prefect.enter_context(_temporary_server_defaults())
+                prefect.enter_context(_prefect_api(args.command))
             return args.handler(args)
     except (TransferFlowError, ValidationError) as error:
         if args.debug:
@@ -190,15 +265,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 FLOW_COMMANDS = ("run", "demo", "compare", "predict")
+SERVER_COMMANDS = ("serve", "watch")  # need a server that stays up: a running one at the default address will do
 
 
 @contextlib.contextmanager
 def _prefect_api(command: str):
     """Run flows against a server already up at the default address (`transfer-flow server`), so runs show
-    in its UI and skip the ~6 s of a temporary server; PREFECT_API_URL, when set, always wins."""
+    in its UI and skip the ~6 s of a temporary server; serve and watch use it too. PREFECT_API_URL, when set,
+    always wins."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if command not in FLOW_COMMANDS or PREFECT_API_URL.value():
+    if command not in FLOW_COMMANDS + SERVER_COMMANDS or PREFECT_API_URL.value():
         yield
         return
     from transfer_flow.flows.prefect_api import running_local_server

@@ -8,6 +8,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from transfer_flow.flows.pipeline import extracted_features, run_summary_of
+from transfer_flow.flows.run_names import training_run_name
 from transfer_flow.flows.settings import CompareSettings
 from transfer_flow.storage.comparison import HeadScore
 from transfer_flow.storage.output_layout import OutputLayout
@@ -22,7 +23,7 @@ class ComparisonSummary(BaseModel):
     scores: list[HeadScore]
 
 
-@flow(name="compare-heads", log_prints=True)
+@flow(name="compare-heads", log_prints=True, flow_run_name=training_run_name)
 def compare_heads(settings: CompareSettings) -> ComparisonSummary:
     """Extract the features once, train and evaluate every head in `settings.heads` on them, tabulate.
 

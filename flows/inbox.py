@@ -5,6 +5,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from pydantic import Field
 
+from transfer_flow.flows.run_names import inbox_run_name
 from transfer_flow.storage.announcements import Announcement
 from transfer_flow.tasks.inbox import MARKER, InboxWatcher, Readiness
 
@@ -14,7 +15,7 @@ def announced_datasets(watcher: InboxWatcher) -> list[Announcement]:
     return watcher.scan()
 
 
-@flow(name="scan-inbox", log_prints=True)
+@flow(name="scan-inbox", log_prints=True, flow_run_name=inbox_run_name)
 def scan_inbox(
     inbox: str = Field(description="Folder whose sub-folders are datasets."),
     ready: Readiness = Field(

@@ -8,6 +8,8 @@ from prefect import flow, unmapped
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel
 
+from transfer_flow.flows.prefect_api import shared_with_workers
+from transfer_flow.flows.run_names import training_run_name
 from transfer_flow.flows.settings import PipelineSettings
 from transfer_flow.storage.manifest import Manifest
 from transfer_flow.storage.output_layout import OutputLayout
@@ -56,7 +58,7 @@ def extracted_features(settings: PipelineSettings) -> ExtractedFeatures:
     listed = time.perf_counter()
     plan = stages.extraction_plan(manifest, layout, settings.extraction(), settings.refreshes("extract"))
     if settings.distributed() and plan.todo:
-        with dask_task_runner(settings) as runner:  # shards as Prefect tasks on Dask workers
+        with shared_with_workers(), dask_task_runner(settings) as runner:  # shards as Prefect tasks on Dask workers
             shards = runner.map(stages.extracted_shard, {"records": plan.shards(settings.shard_images),
                                                          "root": unmapped(manifest.root), "plan": unmapped(plan)})
             shards.result()
@@ -87,7 +89,7 @@ def run_summary_of(features: ExtractedFeatures, training: TrainingResult, result
     )
 
 
-@flow(name="transfer-learning", log_prints=True)
+@flow(name="transfer-learning", log_prints=True, flow_run_name=training_run_name)
 def transfer_learning(settings: PipelineSettings) -> RunSummary:
     """Extract pretrained-CNN features from a folder of labelled images, train a classifier, write a report.
 

@@ -2,7 +2,9 @@
 the default address, else (for flow commands) a temporary server Prefect starts for the process."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+from collections.abc import Iterator
 
 from transfer_flow.storage.errors import SettingsError
 
@@ -50,3 +52,51 @@ def require_api_url() -> str:
             "the PREFECT_API_URL it prints (a temporary server has no triggers or schedules to serve)"
         )
     return str(url)
+
+
+@contextlib.contextmanager
+def shared_with_workers() -> Iterator[None]:
+    """Inside a flow: make this run's Prefect API the explicit PREFECT_API_URL while tasks go to Dask workers.
+
+    Prefect hands its settings to each task it sends to a worker. Without an API URL in them (a command
+    running on the temporary server Prefect starts for the process), every worker process would start a
+    temporary server of its own: seconds per worker, and the shards' task runs out of this run's graph.
+    """
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    context = FlowRunContext.get()
+    if PREFECT_API_URL.value() or context is None:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: str(context.client.api_url).rstrip("/")}):
+        yield
+
+
+def start_api_while_importing(*modules: str) -> None:
+    """Start the Prefect API a flow talks to first while a thread imports what its tasks need later.
+
+    Without PREFECT_API_URL Prefect starts a temporary server on the flow's first call (a subprocess: seconds),
+    and only then do the tasks import TensorFlow and Keras (seconds more). Here the two overlap. An import that
+    fails here is left to fail again, with its own message, where the task needs it.
+    """
+    import importlib
+    import threading
+
+    # Everything the main thread imports is imported before the thread starts: no two threads in one import.
+    import prefect.server.api.server  # noqa: F401  (the temporary server's module)
+    from prefect.client.orchestration import get_client
+
+    def import_all() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001  (see the docstring)
+                return
+
+    importer = threading.Thread(target=import_all, name="transfer-flow-imports", daemon=True)
+    importer.start()
+    try:
+        get_client(sync_client=True)  # starts the temporary server when no API is configured, as the flow would
+    finally:
+        importer.join()

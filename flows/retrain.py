@@ -5,6 +5,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from transfer_flow.flows.pipeline import transfer_learning
+from transfer_flow.flows.run_names import training_run_name
 from transfer_flow.flows.settings import PipelineSettings
 from transfer_flow.storage.registry import Decision, Metric, PromotionPolicy, VersionEntry
 from transfer_flow.storage.run_summary import RunSummary
@@ -38,7 +39,7 @@ class RetrainOutcome(BaseModel):
     run: RunSummary
 
 
-@flow(name="train-and-promote", log_prints=True)
+@flow(name="train-and-promote", log_prints=True, flow_run_name=training_run_name)
 def train_and_promote(settings: PipelineSettings, registry: RegistrySettings) -> RetrainOutcome:
     """Run the pipeline, register its model as a new version, promote it to champion if it scores at least as well."""
     summary = transfer_learning(settings)

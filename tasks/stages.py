@@ -11,6 +11,8 @@ arguments (a path string), not the files behind them.
 """
 from __future__ import annotations
 
+import base64
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,13 @@ from transfer_flow.storage.manifest import ImageRecord, Manifest
 from transfer_flow.storage.model_bundle import ModelBundle
 from transfer_flow.storage.output_layout import OutputLayout
 from transfer_flow.storage.predictions import refuse_existing_predictions, write_predictions
-from transfer_flow.storage.report import HTML_FILE, read_report_key, summary_markdown, write_report
+from transfer_flow.storage.report import (
+    HTML_FILE,
+    confusion_table_markdown,
+    read_report_key,
+    summary_markdown,
+    write_report,
+)
 from transfer_flow.storage.report_metrics import ReportMetrics, TrainingScore
 from transfer_flow.storage.run_summary import RunSummary
 from transfer_flow.tasks.evaluation import Evaluation, evaluate_bundle, gallery_thumbnails, report_key
@@ -44,6 +52,28 @@ from transfer_flow.tasks.splitting import split_manifest
 from transfer_flow.tasks.training import TrainingResult, TrainingSettings, reusable_bundle, train_head, training_key
 
 CACHED_RESULTS = dict(persist_result=True, result_serializer="json")
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (only a-z, 0-9 and dashes) naming what it is about: `colours-linear-svm-report`.
+
+    Keys are global in Prefect: the Artifacts page shows one history per key, so the dataset and head in
+    the key keep the histories of different datasets and heads apart."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-") or "transfer-flow"
+
+
+def report_artifact_markdown(metrics: ReportMetrics, report_dir: Path, page: Path) -> str:
+    """What the report says, readable in the Prefect UI: headline, per-class table, confusion matrix (as a table
+    and as the report's picture, embedded: the UI cannot open the file:// report)."""
+    per_class = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"] + [
+        f"| {name} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1-score']:.4f} | {int(s['support'])} |"
+        for name, s in metrics.per_class.items()]
+    picture = report_dir / "confusion_matrix.png"
+    embedded = ([f"![confusion matrix](data:image/png;base64,{base64.b64encode(picture.read_bytes()).decode()})", ""]
+                if picture.is_file() else [])
+    return "\n".join([summary_markdown(metrics), "", "## Per class", "", *per_class, "", "## Confusion matrix", "",
+                      confusion_table_markdown(metrics.class_names, metrics.confusion), "", *embedded,
+                      f"Full report: `{page}`"])
 
 
 @task(name="claim output", cache_policy=NONE)
@@ -168,17 +198,18 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
         thumbnails = gallery_thumbnails(Path(extraction.store.attrs.get("dataset_root", "")), result.misclassified)
         write_report(layout.report, metrics, result.classification_report, overwrite=True, history=training.history,
                      gallery=list(zip(thumbnails, metrics.misclassified)))
-    create_markdown_artifact(key="evaluation-summary", markdown=summary_markdown(metrics),
-                             description="Headline metrics of the evaluation")
-    create_table_artifact(key="per-class-metrics", description="Per-class precision, recall, F1 and support",
+    prefix = artifact_key(Path(extraction.store.attrs.get("dataset_root", "")).name, spec.head)
+    page = (layout.report / HTML_FILE).resolve()
+    create_markdown_artifact(key=f"{prefix}-report", markdown=report_artifact_markdown(metrics, layout.report, page),
+                             description=f"{record.backbone} + {spec.head}: headline, per class, confusion matrix")
+    create_table_artifact(key=f"{prefix}-per-class", description="Per-class precision, recall, F1 and support",
                           table=[{"class": name, **{k: round(v, 4) for k, v in scores.items()}}
                                  for name, scores in result.per_class.items()])
-    page = (layout.report / HTML_FILE).resolve()
     create_link_artifact(
-        key="evaluation-report",
+        key=f"{prefix}-report-file",
         link=page.as_uri(),
         link_text=f"report: {record.backbone} + {spec.head}",
-        description="The self-contained HTML report (curves, confusion matrix, misclassified images)",
+        description="The self-contained HTML report on the machine that ran the flow (a file:// URL: open it there)",
     )
     stage_logger().info("report: accuracy %.4f, macro F1 %.4f → %s", result.accuracy, result.macro_f1, page)
     return metrics, kept
@@ -201,7 +232,8 @@ def head_score(result: Evaluation, training: TrainingResult, layout: OutputLayou
 def comparison_table(scores: list[HeadScore], layout: OutputLayout, dataset: str) -> tuple[str, str]:
     csv_path, markdown_path = write_comparison(Path(layout.root), scores, f"Heads compared on {dataset}")
     markdown = markdown_path.read_text(encoding="utf-8")
-    create_markdown_artifact(key="head-comparison", markdown=markdown, description="Heads trained on one feature store")
+    create_markdown_artifact(key=artifact_key(Path(dataset).name, "head-comparison"), markdown=markdown,
+                             description="Heads trained on one feature store")
     stage_logger().info("compare: %s → %s", "; ".join(f"{s.head} {s.accuracy:.4f}/{s.macro_f1:.4f}" for s in scores),
                         csv_path)
     return str(csv_path), str(markdown_path)
@@ -245,7 +277,9 @@ def predictions(bundle: ModelBundle, images: list[str], top_k: int, batch_size: 
     for row in rows:
         if row.error:
             log.warning("predict: %s: %s", row.path, row.error)
-    create_table_artifact(key="predictions", description=f"Predicted labels (first 100 of {len(rows)})",
+    run_folder = Path(bundle.path).resolve().parent.name  # DIR of DIR/model: the run that trained the bundle
+    create_table_artifact(key=artifact_key(run_folder, bundle.metadata.head, "predictions"),
+                          description=f"Predicted labels (first 100 of {len(rows)})",
                           table=[{"path": r.path, "label": r.labels[0] if r.labels else "",
                                   "confidence": round(r.confidences[0], 4) if r.confidences else None,
                                   "error": r.error} for r in rows[:100]])

@@ -245,8 +245,9 @@ def _cli_uses_a_running_server(api: str, port: int) -> None:
     original, server.running_local_server = server.running_local_server, found
     try:
         with temporary_settings(restore_defaults={PREFECT_API_URL}):
-            with _prefect_api("run"):
-                assert PREFECT_API_URL.value() == api
+            for command in ("run", "serve", "watch"):  # serve and watch find it as run does
+                with _prefect_api(command):
+                    assert PREFECT_API_URL.value() == api
             with _prefect_api("backbones"):  # no flow: no server needed
                 assert not PREFECT_API_URL.value()
     finally:

@@ -83,3 +83,56 @@ def test_bad_dataset_inside_the_flow_is_one_line(prefect_api, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "transfer-flow: error:" in err and "Traceback" not in err
+
+
+def test_debug_and_verbose_are_accepted_after_the_command_too(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="does not exist"):
+        main(["run", str(tmp_path / "nope"), "--output", str(tmp_path / "out"), "--debug"])
+    assert main(["backbones", "--verbose"]) == 0
+
+
+def test_a_positional_argument_is_named_as_the_user_typed_it(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope"), "--output", str(tmp_path / "out")]) == EXIT_USER_ERROR
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("transfer-flow: error: DATASET: ") and "--dataset" not in line
+
+
+@pytest.fixture
+def no_server(tmp_path):
+    """PREFECT_API_URL at a port where nothing listens: a command that reached Prefect would fail on it."""
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}):
+        yield
+
+
+def test_mistakes_that_need_no_server_are_reported_once_before_one_starts(no_server, colour_dataset, messy_dataset,
+                                                                          tmp_path, capsys):
+    from transfer_flow.storage.output_layout import OutputLayout
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "manifest.json").write_text("{}")  # outputs, but not from a run on this dataset
+    (tmp_path / "old.csv").write_text("keep me")
+    fast = ["--backbone", "mobilenet_v2", "--image-size", "32"]
+    cases = [
+        (["run", str(colour_dataset), "-o", str(tmp_path / "a"), *fast, "--weights", str(tmp_path / "no.weights.h5")],
+         "does not exist"),
+        (["run", str(colour_dataset), "-o", str(taken), *fast, "--weights", "none"], "--overwrite"),
+        (["compare", str(messy_dataset), "-o", str(taken), *fast, "--weights", "none"], "--overwrite"),
+        (["predict", str(tmp_path), str(colour_dataset), "-o", str(tmp_path / "old.csv")], "--overwrite"),
+        (["predict", str(tmp_path / "no-bundle"), str(colour_dataset)], "bundle"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == EXIT_USER_ERROR, argv
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("transfer-flow: error:") and message in line, (argv, line)
+    assert (tmp_path / "old.csv").read_text() == "keep me"
+    assert not OutputLayout(root=str(tmp_path / "a")).store.exists()

@@ -2,6 +2,7 @@
 import asyncio
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from transfer_flow.flows.pipeline import transfer_learning
 from transfer_flow.flows.settings import PipelineSettings
 from transfer_flow.storage.errors import DatasetError, OutputExistsError
 from transfer_flow.storage.feature_store import open_store, read_contents
+from transfer_flow.tasks.stages import artifact_key
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +59,11 @@ def test_report_is_published_as_prefect_artifacts(finished_run):
         async with get_client() as client:
             return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
-    summary_artifacts = asyncio.run(read("evaluation-summary"))
     summary, _ = finished_run
+    prefix = artifact_key(Path(summary.dataset).name, "logreg")
+    summary_artifacts = asyncio.run(read(f"{prefix}-report"))
     assert any(f"accuracy: **{summary.accuracy:.4f}**" in f"{a.data}" for a in summary_artifacts)
-    assert asyncio.run(read("per-class-metrics"))
+    assert asyncio.run(read(f"{prefix}-per-class"))
 
 
 def test_output_of_another_dataset_is_refused_without_overwrite(finished_run, colour_dataset):

@@ -1,6 +1,9 @@
 """Batch prediction under a real Prefect API: a bundle trained by the pipeline labels new folders and files."""
 import csv
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -71,7 +74,8 @@ def test_existing_csv_is_refused_without_overwrite(trained_run, colour_dataset, 
     batch_prediction(PredictionSettings(bundle=str(trained_run), paths=[image], output=str(target), overwrite=True,
                                         top_k=5))
     rows = read_csv(target)
-    assert len(rows) == 1 and rows[0]["label_3"] and rows[0]["label_4"] == "" and "label_5" in rows[0]
+    # --top-k 5 on a 3-class bundle: three labels, not two more empty column pairs
+    assert len(rows) == 1 and rows[0]["label_3"] and "label_4" not in rows[0]
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -92,3 +96,27 @@ def test_bundle_for_another_feature_dimension_is_a_clear_error(trained_run, tmp_
     meta.write_text(meta.read_text().replace('"feature_dim": 1280', '"feature_dim": 512'))
     with pytest.raises(BundleError, match="1280-d"):
         bundle_extractor(load_bundle(tmp_path / "model"))
+
+
+@pytest.mark.slow
+def test_predict_says_what_matters_once_and_prefects_chatter_only_with_verbose(trained_run, colour_dataset, tmp_path):
+    """A user's terminal: the stage lines and the CSV; no telemetry error, no TensorFlow banner, no per-task
+    `Finished in state Completed()` unless --verbose (those stay in the run's log in the UI)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TF_CPP"))}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_API_URL=SubprocessASGIServer().api_url)  # the harness's
+    image = str(colour_dataset / "red" / "img_000.jpg")
+    command = [sys.executable, "-m", "transfer_flow.flows.cli", "predict", str(trained_run), image]
+    quiet = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert quiet.stdout.startswith("path,label,confidence,label_2")
+    assert "predict: 1 images" in quiet.stderr and not task_completions(quiet.stderr)
+    assert not [line for line in quiet.stderr.splitlines() if "ERROR" in line or "oneDNN" in line]
+    verbose = subprocess.run([*command, "--verbose"], env=env, capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == 0 and task_completions(verbose.stderr)
+
+
+def task_completions(text: str) -> list[str]:
+    """Prefect's line for each task run that completed (the flow run's own final line stays on the terminal)."""
+    return [line for line in text.splitlines() if "Task run" in line and "Finished in state Completed()" in line]

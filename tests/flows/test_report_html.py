@@ -2,6 +2,7 @@
 is linked as a Prefect artifact, and a warm rerun reuses every stage."""
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -51,12 +52,14 @@ def test_report_link_artifact_points_at_the_html(dense_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    _, _, output = dense_run
+    from transfer_flow.tasks.stages import artifact_key
+
+    settings, _, output = dense_run
+    key = artifact_key(Path(settings.dataset).name, "dense", "report-file")
 
     async def read():
         async with get_client() as client:
-            return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation-report"])))
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
     links = [str(a.data) for a in asyncio.run(read())]
     assert any((output / "report" / "report.html").resolve().as_uri() in link for link in links)

@@ -140,3 +140,14 @@ def test_gap_with_pooled_settings_fails_before_any_work(tmp_path, capsys):
     assert main(["run", str(tmp_path), "-o", str(tmp_path / "out"), "--head", "gap"]) == EXIT_USER_ERROR
     assert "transfer-flow: error: the gap head needs --pooling flatten" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_search_that_stops_at_max_iter_says_so_once_not_once_per_candidate(tmp_path, capfd, caplog):
+    import logging
+
+    store = make_store(tmp_path / "f.h5", n_per_class=30, dim=16)
+    with caplog.at_level(logging.WARNING):
+        train_head(store, tmp_path / "model", TrainingSettings(head="linear-svm", max_iter=1, c_grid=[1.0, 100.0]))
+    assert "ConvergenceWarning" not in capfd.readouterr().err  # printed by each search worker, before
+    [line] = [r.getMessage() for r in caplog.records if "max_iter" in r.getMessage()]
+    assert "stopped at max_iter=1 before converging" in line
