@@ -4,12 +4,20 @@ A scikit-learn head is stored with skops (no pickle), a Keras head as a `.keras`
 `safe_mode=True` (no Python code in lambdas). Either way its SHA-256 is recorded in bundle.json and
 checked before loading (the checked bytes are the ones deserialised), so an altered or swapped file
 is refused rather than read.
+
+The hash only guards against corruption: whoever hands over a bundle can rewrite bundle.json too. So
+a bundle is untrusted input, and loading it may only build the exact types our heads are made of
+(`SKOPS_TYPES`); anything else, above all a callable (`builtins.eval`, `numpy.load`, ...), is refused
+by name before skops constructs a single object.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
+import json
 import tempfile
+import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +35,25 @@ HEAD_FILES = {"skops": HEAD_FILE, "keras": KERAS_HEAD_FILE}
 METADATA_FILE = "bundle.json"
 _PREVIOUS_EXTRACTION_FIELDS = ("backbone", "weights_source", "image_size", "pooling", "precision", "preprocessing",
                                "feature_dtype")
-_TRUSTED_MODULE_PREFIXES = ("sklearn.", "numpy.", "builtins.")  # what a scikit-learn head may contain
+# Every type a scikit-learn head of ours is made of (tasks/heads.py: logreg, linear-svm, the sgd pipeline),
+# by exact name, with the skops loader that builds it: classes and plain data only, never a function.
+# A head of a new kind adds its classes here (tests/storage/test_model_bundle.py round-trips every head).
+_DATA = ("DictNode", "ListNode", "TupleNode", "JsonNode", "TypeNode")
+_ARRAYS = ("NdArrayNode",)
+SKOPS_TYPES: dict[str, tuple[str, ...]] = {
+    "builtins.dict": _DATA, "builtins.list": _DATA, "builtins.tuple": _DATA, "builtins.str": _DATA,
+    "builtins.int": _DATA, "builtins.float": _DATA, "builtins.bool": _DATA, "builtins.NoneType": _DATA,
+    "numpy.ndarray": _ARRAYS,
+    **{f"numpy.{dtype}": _ARRAYS for dtype in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                                                "uint8", "uint16", "uint32", "uint64", "bool", "bool_", "str_")},
+    "sklearn.linear_model._logistic.LogisticRegression": ("ObjectNode",),
+    "sklearn.svm._classes.LinearSVC": ("ObjectNode",),
+    "sklearn.linear_model._stochastic_gradient.SGDClassifier": ("ObjectNode",),
+    "sklearn.preprocessing._data.StandardScaler": ("ObjectNode",),
+    "sklearn.pipeline.Pipeline": ("ObjectNode",),
+    "sklearn._loss._loss.CyHalfBinomialLoss": ("LossNode",),
+    "sklearn._loss._loss.CyHalfMultinomialLoss": ("LossNode",),
+}
 
 
 class BundleMetadata(BaseModel):
@@ -151,11 +177,41 @@ def load_head(bundle: ModelBundle) -> Any:
         return KerasHead(_load_keras(payload), digest)
     import skops.io as sio
 
-    untrusted = sio.get_untrusted_types(data=payload)
-    unexpected = [t for t in untrusted if not t.startswith(_TRUSTED_MODULE_PREFIXES)]
-    if unexpected:
-        raise BundleError(f"{source} contains unexpected types: {', '.join(unexpected)}")
-    return sio.loads(payload, trusted=untrusted)
+    allowed = _skops_types(payload, source)
+    try:
+        return sio.loads(payload, trusted=sorted(allowed))
+    except Exception as error:  # noqa: BLE001 - skops raises many kinds on a malformed file
+        raise BundleError(f"{source} cannot be loaded: {_first_line(error)}") from error
+
+
+def _skops_types(payload: bytes, source: Path) -> set[str]:
+    """Every type the skops file names, checked against SKOPS_TYPES before anything is constructed."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            schema = json.loads(archive.read("schema.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError, EOFError) as error:
+        raise BundleError(f"{source} is truncated or not a skops file ({_first_line(error)})") from None
+    found: set[str] = set()
+    pending: list[Any] = [schema]
+    while pending:  # every dict in the schema, however deep: a node can hide anywhere
+        node = pending.pop()
+        if isinstance(node, list):
+            pending += node
+        elif isinstance(node, dict):
+            pending += node.values()
+            if "__class__" in node or "__loader__" in node:
+                name = f"{node.get('__module__')}.{node.get('__class__')}"
+                # A CachedNode only points back at an object already loaded (and checked) in this file.
+                loaders = SKOPS_TYPES.get(name)
+                if loaders is None or node.get("__loader__") not in (*loaders, "CachedNode"):
+                    raise BundleError(f"{source} holds {name} ({node.get('__loader__')}), which no head of "
+                                      "transfer-flow contains: refusing to load it (a bundle is untrusted input)")
+                found.add(name)
+    return found
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def _load_keras(payload: bytes) -> Any:

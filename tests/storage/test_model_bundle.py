@@ -1,3 +1,9 @@
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -46,3 +52,112 @@ def test_existing_bundle_needs_overwrite(tmp_path):
         save_bundle(tmp_path / "model", LogisticRegression().fit(X, Y), metadata())
     replaced = save_bundle(tmp_path / "model", LogisticRegression(C=2.0).fit(X, Y), metadata(), overwrite=True)
     assert load_head(replaced).C == 2.0
+
+
+# --- a bundle is untrusted input: hostile heads, with bundle.json's hash updated to match -------------------------
+
+
+def _string(value: str) -> dict:
+    return {"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode", "content": json.dumps(value),
+            "is_json": True}
+
+
+def _call(module: str, name: str, *args) -> dict:
+    """A skops node that calls module.name(*args) when loaded."""
+    return {"__class__": name, "__module__": module, "__loader__": "ConstructorFromReduceNode",
+            "content": {"__class__": "tuple", "__module__": "builtins", "__loader__": "TupleNode",
+                        "content": list(args)}}
+
+
+def _tampered_bundle(folder, replace_tol) -> None:
+    """A real logreg bundle whose `tol` parameter becomes `replace_tol`, re-hashed the way an attacker would."""
+    save_bundle(folder, LogisticRegression().fit(X, Y), metadata())
+    head_file = folder / HEAD_FILE
+    with zipfile.ZipFile(head_file) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    schema = json.loads(entries["schema.json"])
+    schema["content"]["content"]["tol"] = replace_tol
+    entries["schema.json"] = json.dumps(schema).encode()
+    with zipfile.ZipFile(head_file, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    meta = json.loads((folder / "bundle.json").read_text())
+    meta["head_sha256"] = hashlib.sha256(head_file.read_bytes()).hexdigest()
+    (folder / "bundle.json").write_text(json.dumps(meta))
+
+
+def _write_marker(marker) -> str:
+    return f"open({str(marker)!r}, 'w').write('ran')"
+
+
+class _Payload:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+HOSTILE = {
+    "eval": lambda marker, tmp: _call("builtins", "eval", _string(_write_marker(marker))),
+    "exec": lambda marker, tmp: _call("builtins", "exec", _string(_write_marker(marker))),
+    "os.system": lambda marker, tmp: _call("os", "system", _string(f"touch {marker}")),
+    "numpy.load": lambda marker, tmp: _call("numpy", "load", _string(_pickled(tmp, marker)),
+                                            {"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode",
+                                             "content": "null", "is_json": True},
+                                            {"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode",
+                                             "content": "true", "is_json": True}),
+    # Deep inside ordinary containers: the check must walk the whole tree, not the top level.
+    "nested __reduce__": lambda marker, tmp: {
+        "__class__": "list", "__module__": "builtins", "__loader__": "ListNode",
+        "content": [{"__class__": "tuple", "__module__": "builtins", "__loader__": "TupleNode",
+                     "content": [_string("harmless"), _call("builtins", "exec", _string(_write_marker(marker)))]}]},
+    "a function by reference": lambda marker, tmp: {"__class__": "getattr", "__module__": "builtins",
+                                                    "__loader__": "FunctionNode"},
+}
+
+
+def _pickled(tmp, marker) -> str:
+    path = tmp / "payload.pkl"
+    path.write_bytes(pickle.dumps(_Payload(f"touch {marker}")))
+    return str(path)
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE))
+def test_a_tampered_head_is_refused_and_runs_nothing(tmp_path, attack):
+    marker = tmp_path / "ran"
+    _tampered_bundle(tmp_path / "model", HOSTILE[attack](marker, tmp_path))
+    with pytest.raises(BundleError, match="refusing to load it") as refused:
+        load_head(load_bundle(tmp_path / "model"))
+    assert not marker.exists()
+    assert "builtins." in str(refused.value) or "os." in str(refused.value) or "numpy." in str(refused.value)
+
+
+def test_a_truncated_head_is_one_clear_error(tmp_path):
+    save_bundle(tmp_path / "model", LogisticRegression().fit(X, Y), metadata())
+    head_file = tmp_path / "model" / HEAD_FILE
+    head_file.write_bytes(head_file.read_bytes()[:100])
+    meta = json.loads((tmp_path / "model" / "bundle.json").read_text())
+    meta["head_sha256"] = hashlib.sha256(head_file.read_bytes()).hexdigest()
+    (tmp_path / "model" / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="truncated or not a skops file"):
+        load_head(load_bundle(tmp_path / "model"))
+
+
+def test_every_scikit_learn_head_we_train_loads_under_the_allow_list(tmp_path):
+    from transfer_flow.tasks.heads import fit_linear_svm, fit_logreg, fit_sgd
+    from transfer_flow.tasks.training import TrainingSettings
+
+    settings = TrainingSettings(c_grid=[1.0], cv_folds=2)
+    rng = np.random.default_rng(0)
+    for n_classes, dtype in ((2, np.float32), (3, np.float64)):
+        features = rng.normal(size=(24, 4)).astype(dtype)
+        labels = np.arange(24) % n_classes
+        no_val = np.zeros(24, bool)
+        heads = [fit_logreg(features, labels, no_val, settings)[0],
+                 fit_linear_svm(features, labels, no_val, settings)[0],
+                 fit_sgd(lambda rows: features[rows], np.arange(24), labels, no_val, n_classes, 8, settings)[0]]
+        for i, head in enumerate(heads):
+            folder = tmp_path / f"{n_classes}-{i}"
+            save_bundle(folder, head, metadata())
+            np.testing.assert_array_equal(load_head(load_bundle(folder)).predict(features), head.predict(features))
