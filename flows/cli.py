@@ -278,10 +278,11 @@ def _prefect_api(command: str):
     if command not in FLOW_COMMANDS + SERVER_COMMANDS or PREFECT_API_URL.value():
         yield
         return
-    from transfer_flow.flows.prefect_api import running_local_server
+    from transfer_flow.flows.prefect_api import running_local_server, temporary_server_dies_with_this_process
 
     url = running_local_server()
     if url is None:
+        temporary_server_dies_with_this_process()  # a killed run must not leave the server listening
         yield
         return
     print(f"transfer-flow: using the Prefect server at {url} (set PREFECT_API_URL to choose another)", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 from collections.abc import Iterator
 
 from transfer_flow.storage.errors import SettingsError
@@ -100,3 +101,54 @@ def start_api_while_importing(*modules: str) -> None:
         get_client(sync_client=True)  # starts the temporary server when no API is configured, as the flow would
     finally:
         importer.join()
+
+def temporary_server_dies_with_this_process() -> None:
+    """Make the temporary server Prefect starts for this process (when no API is configured) die with it.
+
+    Prefect stops that server at exit, but a process killed by a signal or a native crash runs no exit
+    handlers, and the server, a child process, was left listening. Prefect keeps one server object per
+    port and reuses it, so registering ours first (unstarted: Prefect still starts it only when a flow
+    needs it) is all it takes. Linux only (the parent-death signal); elsewhere Prefect's own server stays.
+    """
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import subprocess
+    import types
+
+    from prefect.server.api import server as server_module  # deferred: FastAPI and the server's models
+
+    if None in server_module.SubprocessASGIServer._instances:  # the one Prefect's client asks for (no port)
+        return
+
+    class ServerDyingWithParent(server_module.SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            parent, real_popen = os.getpid(), subprocess.Popen
+
+            def popen(*args, **kwargs):
+                return real_popen(*args, preexec_fn=lambda: _die_with(parent), **kwargs)
+
+            # Prefect builds the command line; only how the child starts differs, and only during this call.
+            server_module.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": popen})
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                server_module.subprocess = subprocess
+
+    ServerDyingWithParent()
+
+
+def _die_with(parent: int) -> None:
+    """Runs in the server's child before exec: SIGKILL it when its parent dies (and leave now if it already has).
+
+    The kernel sends the signal when the *thread* that started the child ends; Prefect starts the server
+    from the flow's thread or its long-lived event-loop thread, both of which live as long as the process.
+    """
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
