@@ -18,6 +18,7 @@ import collections
 import io
 import pickle
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -115,14 +116,42 @@ class _StateDictUnpickler(pickle.Unpickler):
         return _StorageRef(str(key), storage_type.dtype, int(element_offset))
 
 
-def _as_array(tensor: _TensorRef, storage_bytes: dict[str, bytes], byteorder: str) -> np.ndarray:
+# The largest tensor a checkpoint may hold: 2**28 elements (1 GiB of float32), far above any CNN layer
+# (VGG16's largest, fc6, has 2**26.6). A storage may not be larger either.
+MAX_ELEMENTS = 1 << 28
+
+
+def _as_array(name: str, tensor: _TensorRef, storage_bytes: dict[str, bytes], byteorder: str, path: Path) -> np.ndarray:
+    """The tensor's elements, after checking its geometry against its storage: nothing outside is ever read."""
     ref = tensor.storage
     dtype = ref.dtype.newbyteorder(byteorder)
-    flat = np.frombuffer(storage_bytes[ref.key], dtype=dtype)
+    storage = storage_bytes[ref.key]
+    if len(storage) % dtype.itemsize:
+        raise StoreError(f"{path}: tensor {name!r} has a storage of {len(storage)} bytes, not whole "
+                         f"{ref.dtype} elements")
+    available = len(storage) // dtype.itemsize
+    shape, stride = tensor.shape, tensor.stride
+    offset = ref.element_offset + tensor.storage_offset  # Python integers throughout: no overflow
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (*shape, *stride)) or len(shape) != len(stride):
+        raise StoreError(f"{path}: tensor {name!r} has a malformed shape {shape!r} or stride {stride!r}")
+    if offset < 0 or any(s < 0 for s in stride) or any(d < 0 for d in shape):
+        raise StoreError(f"{path}: tensor {name!r} has a negative offset, size or stride "
+                         f"(offset {offset}, shape {shape}, stride {stride})")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > MAX_ELEMENTS:
+        raise StoreError(f"{path}: tensor {name!r} claims {numel:,} elements (shape {shape}), more than any CNN layer "
+                         f"({MAX_ELEMENTS:,})")
+    last = offset + sum((d - 1) * s for d, s in zip(shape, stride))
+    if numel and last >= available:
+        raise StoreError(f"{path}: tensor {name!r} (offset {offset}, shape {shape}, stride {stride}) reaches element "
+                         f"{last:,} of a storage holding {available:,}: the checkpoint is damaged or hostile")
+    flat = np.frombuffer(storage, dtype=dtype)
     view = np.lib.stride_tricks.as_strided(
-        flat[ref.element_offset + tensor.storage_offset:],
-        shape=tensor.shape,
-        strides=tuple(s * dtype.itemsize for s in tensor.stride),
+        flat[offset:] if numel else flat[:0],
+        shape=shape,
+        strides=tuple(s * dtype.itemsize for s in stride),
         writeable=False,
     )
     # A writable, contiguous, native-order copy that does not pin the file's bytes.
@@ -150,8 +179,10 @@ def _load_legacy(file: IO[bytes], path: Path) -> dict[str, np.ndarray]:
     for key in storage_keys:
         dtype = unpickler.storages[key]
         numel = int(np.frombuffer(_read_exactly(file, 8, path), dtype=f"{byteorder}i8")[0])
+        if not 0 <= numel <= MAX_ELEMENTS:
+            raise StoreError(f"{path}: storage {key} claims {numel:,} elements: truncated or not a checkpoint")
         storage_bytes[key] = _read_exactly(file, numel * dtype.itemsize, path)
-    return {name: _as_array(t, storage_bytes, byteorder) for name, t in tensors.items()}
+    return {name: _as_array(name, t, storage_bytes, byteorder, path) for name, t in tensors.items()}
 
 
 def _load_zip(archive: zipfile.ZipFile, path: Path) -> dict[str, np.ndarray]:
@@ -166,14 +197,19 @@ def _load_zip(archive: zipfile.ZipFile, path: Path) -> dict[str, np.ndarray]:
         byteorder = ">"
     unpickler = _StateDictUnpickler(io.BytesIO(archive.read(pickles[0])))
     tensors = _tensors_of(unpickler.load(), path)
-    storage_bytes = {key: archive.read(f"{prefix}data/{key}") for key in unpickler.storages}
-    return {name: _as_array(t, storage_bytes, byteorder) for name, t in tensors.items()}
+    storage_bytes = {}
+    for key, dtype in unpickler.storages.items():
+        entry = archive.getinfo(f"{prefix}data/{key}")
+        if entry.file_size > MAX_ELEMENTS * dtype.itemsize:  # read nothing that large (a zip bomb, say)
+            raise StoreError(f"{path}: storage {key} holds {entry.file_size:,} bytes, more than any CNN layer")
+        storage_bytes[key] = archive.read(entry)
+    return {name: _as_array(name, t, storage_bytes, byteorder, path) for name, t in tensors.items()}
 
 
 def _read_exactly(file: IO[bytes], size: int, path: Path) -> bytes:
     data = file.read(size)
     if len(data) != size:
-        raise StoreError(f"{path} is truncated: expected {size} more bytes, got {len(data)}")
+        raise StoreError(f"{path} is truncated or not a checkpoint: expected {size} more bytes, got {len(data)}")
     return data
 
 
@@ -181,10 +217,15 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """Read a torch state dict file (legacy or zip layout) as {name: numpy array}, in file order.
 
     Raises StoreError when the file is not such a checkpoint, refers to anything but tensors
-    (code, modules, custom classes), or is truncated.
+    (code, modules, custom classes), is truncated, or gives a tensor a geometry (offset, shape, stride)
+    that reaches outside its storage or beyond MAX_ELEMENTS.
     """
     path = Path(path)
     try:
+        with path.open("rb") as file:
+            starts_as_zip = file.read(4) == b"PK\x03\x04"
+        if starts_as_zip and not zipfile.is_zipfile(path):
+            raise StoreError(f"{path} is truncated or not a checkpoint (a damaged zip file)")
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 return _load_zip(archive, path)
@@ -192,5 +233,7 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             return _load_legacy(file, path)
     except StoreError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
-        raise StoreError(f"{path} is not a readable torch state dict: {error}") from error
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+            zipfile.BadZipFile, zlib.error, MemoryError, RecursionError) as error:
+        raise StoreError(f"{path} is truncated or not a checkpoint (a torch state dict): "
+                         f"{(str(error).splitlines() or [type(error).__name__])[0][:200]}") from error

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import pickle
+import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
 from xml.etree import ElementTree
@@ -98,3 +100,32 @@ def check_html(text):
     root = ElementTree.fromstring(text.removeprefix("<!DOCTYPE html>"))  # also well-formed XML
     assert root.tag == "html" and [img.get("src") for img in root.iter("img")] == checker.sources
     return checker
+
+
+# --- torch checkpoints written by hand (torch's zip layout), so hostile geometries need no torch -------------------
+
+
+def _fragment(value) -> bytes:
+    """The pickle opcodes of a plain value, without the protocol header and STOP."""
+    return pickle.dumps(value, protocol=2)[2:-1]
+
+
+def _tensor_pickle(tensors: dict[str, tuple[str, int, int, tuple, tuple]]) -> bytes:
+    """data.pkl of a state dict: name → (storage key, storage numel, offset, shape, stride), float32 storages."""
+    body = b"\x80\x02" + b"ccollections\nOrderedDict\n)R("  # OrderedDict(), then MARK for SETITEMS
+    for name, (key, numel, offset, shape, stride) in tensors.items():
+        storage = (b"(" + _fragment("storage") + b"ctorch\nFloatStorage\n" + _fragment(key) + _fragment("cpu")
+                   + _fragment(numel) + b"tQ")  # the persistent id tuple, then BINPERSID
+        body += (_fragment(name) + b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage + _fragment(offset)
+                 + _fragment(shape) + _fragment(stride) + b"\x89tR")  # NEWFALSE for requires_grad
+    return body + b"u."
+
+
+def write_torch_checkpoint(path: Path, tensors: dict, storages: dict[str, bytes]) -> Path:
+    """A torch checkpoint in the zip layout, written by hand (no torch needed): float32 storages by key."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", _tensor_pickle(tensors))
+        archive.writestr("archive/byteorder", "little")
+        for key, data in storages.items():
+            archive.writestr(f"archive/data/{key}", data)
+    return path

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.support import write_torch_checkpoint
 from transfer_flow.storage.errors import StoreError
 from transfer_flow.storage.torch_legacy import load_legacy_state_dict
 
@@ -102,3 +103,45 @@ def test_never_runs_globals_outside_the_allow_list(tmp_path):
     with pytest.raises(StoreError, match="posix.mkdir|os.mkdir"):
         load_legacy_state_dict(hostile)
     assert not marker.exists()
+
+
+# --- checkpoints written by hand (torch's zip layout), so hostile geometries need no torch -----------------------
+
+
+def test_a_hand_written_checkpoint_reads_back(tmp_path):
+    storage = np.arange(12, dtype="<f4")
+    path = write_torch_checkpoint(tmp_path / "ok.pth", {"transposed": ("0", 12, 0, (4, 3), (1, 4)),
+                                                  "tail": ("0", 12, 10, (2,), (1,)), "empty": ("0", 12, 0, (0,), (1,))},
+                             {"0": storage.tobytes()})
+    loaded = load_legacy_state_dict(path)
+    np.testing.assert_array_equal(loaded["transposed"], storage.reshape(3, 4).T)
+    np.testing.assert_array_equal(loaded["tail"], [10.0, 11.0])
+    assert loaded["empty"].shape == (0,)
+
+
+HOSTILE_GEOMETRIES = {  # (offset, shape, stride) over a 16-byte storage of 4 float32s
+    "stride 2**40 (read far outside: a segfault)": (0, (2,), (1 << 40,)),
+    "shape 4,000,000 (16 MB of the heap as weights)": (0, (4_000_000,), (1,)),
+    "negative offset": (-2, (2,), (1,)),
+    "2**20 x 2**20 with stride 0 (a MemoryError)": (0, (1 << 20, 1 << 20), (0, 0)),
+    "negative stride": (3, (2,), (-1,)),
+    "offset past the end": (4, (1,), (1,)),
+}
+
+
+@pytest.mark.parametrize("geometry", sorted(HOSTILE_GEOMETRIES))
+def test_tensor_geometry_outside_its_storage_is_refused(tmp_path, geometry):
+    offset, shape, stride = HOSTILE_GEOMETRIES[geometry]
+    path = write_torch_checkpoint(tmp_path / "hostile.pth", {"conv.weight": ("0", 4, offset, shape, stride)},
+                             {"0": np.zeros(4, "<f4").tobytes()})
+    with pytest.raises(StoreError, match="conv.weight"):
+        load_legacy_state_dict(path)
+
+
+def test_a_truncated_zip_checkpoint_says_so(tmp_path):
+    whole = write_torch_checkpoint(tmp_path / "whole.pth", {"w": ("0", 4, 0, (4,), (1,))},
+                              {"0": np.zeros(4, "<f4").tobytes()})
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(StoreError, match="truncated or not a checkpoint"):
+        load_legacy_state_dict(truncated)

