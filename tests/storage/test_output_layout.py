@@ -41,14 +41,27 @@ def test_stale_temporaries_of_a_killed_run_are_removed_under_the_lock(tmp_path):
 
 
 def test_claim_allows_an_earlier_run_on_the_same_dataset_only(tmp_path):
-    layout = OutputLayout(root=str(tmp_path / "out"))
-    layout.claim(str(tmp_path / "data"), overwrite=False)  # empty: fine
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "features.h5").write_bytes(b"someone's file")
-    with pytest.raises(OutputExistsError, match="not written by a completed transfer-flow run"):
+    layout = OutputLayout(root=str(tmp_path / "out"))
+    with pytest.raises(OutputExistsError, match="not written by a transfer-flow run"):
         layout.claim(str(tmp_path / "data"), overwrite=False)
     (tmp_path / "out" / "run.json").write_text(json.dumps({"dataset": str(tmp_path / "data")}))
     layout.claim(str(tmp_path / "data"), overwrite=False)
     with pytest.raises(OutputExistsError, match="from a run on"):
         layout.claim(str(tmp_path / "other"), overwrite=False)
     layout.claim(str(tmp_path / "other"), overwrite=True)
+
+
+def test_outputs_of_a_run_killed_before_run_json_are_its_own(tmp_path):
+    """The claim is written before any output: a run killed mid-way left only its own files, and they are reused."""
+    layout = OutputLayout(root=str(tmp_path / "out"))
+    layout.claim(str(tmp_path / "data"), overwrite=False)  # a fresh folder: nothing to refuse
+    (tmp_path / "out" / "features.h5").write_bytes(b"the killed run's store")
+    (tmp_path / "out" / "manifest.json").write_text("{}")
+    layout.claim(str(tmp_path / "data"), overwrite=False)  # the rerun: no --overwrite needed
+    with pytest.raises(OutputExistsError, match=f"from a run on {tmp_path / 'data'}"):
+        layout.claim(str(tmp_path / "other"), overwrite=False)
+    layout.claim(str(tmp_path / "other"), overwrite=True)  # now the claim is the other dataset's
+    with pytest.raises(OutputExistsError, match=f"from a run on {tmp_path / 'other'}"):
+        layout.claim(str(tmp_path / "data"), overwrite=False)
