@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from transfer_flow.flows.options import add_pipeline_options, add_settings_options, given_settings
 from transfer_flow.flows.settings import CompareSettings, PipelineSettings, PredictionSettings
-from transfer_flow.storage.errors import SettingsError, TransferFlowError
+from transfer_flow.storage.errors import SettingsError, TransferFlowError, disk_error
 from transfer_flow.tasks.training import HeadName
 
 EXIT_USER_ERROR = 2
@@ -184,7 +184,7 @@ class _UserErrorsWithoutTraceback(logging.Filter):
     """Prefect logs a failed run's exception with its traceback; for a user error the message is enough."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], TransferFlowError):
+        if record.exc_info and (isinstance(record.exc_info[1], TransferFlowError) or disk_error(record.exc_info[1])):
             record.exc_info = None
             record.exc_text = None
         return True
@@ -258,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
             error = SettingsError.from_validation_error(error, positional=POSITIONAL_NAMES)
         message = str(error)
         print(f"transfer-flow: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:  # a full, read-only or forbidden disk is the user's to fix: one line, not a traceback
+        fault = disk_error(error, where=getattr(args, "output", None))
+        if fault is None or args.debug:
+            raise
+        print(f"transfer-flow: error: {fault}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("transfer-flow: interrupted; no partial output was left under a final name", file=sys.stderr)

@@ -5,6 +5,8 @@ and also from the matching built-in, so callers can catch either (the zarr-pytho
 """
 from __future__ import annotations
 
+import errno
+import re
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
@@ -67,3 +69,44 @@ class UnreadableImageError(TransferFlowError, ValueError):
 
 class OutputLockedError(TransferFlowError, BlockingIOError):
     """Another run is writing to the same output folder."""
+
+
+class DiskError(TransferFlowError, OSError):
+    """The file system refused a read or write: full, read-only, or not ours to touch."""
+
+    def __str__(self) -> str:  # the sentence alone, without OSError's "[Errno N]"
+        return self.strerror or super().__str__()
+
+
+# errno → (what happened, what to do); every write is atomic, so whatever was in place before is unchanged.
+_DISK_FAULTS = {
+    errno.ENOSPC: ("no space left on device", "free some space or choose another --output"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or choose another --output"),
+    errno.EROFS: ("read-only file system", "choose a writable --output"),
+    errno.EACCES: ("permission denied", "check the folder's permissions or choose another --output"),
+    errno.EPERM: ("operation not permitted", "check the folder's permissions or choose another --output"),
+}
+
+
+def disk_error(error: BaseException, where: str | None = None) -> DiskError | None:
+    """A one-sentence DiskError for a full, read-only or forbidden file system, else None.
+
+    Looks through the chain of causes (h5py and zarr re-raise) and finds the path in the error, or in
+    h5py's message, or falls back to `where` (zarr names no file)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and not isinstance(current, TransferFlowError):
+            code = current.errno
+            if code not in _DISK_FAULTS:
+                found = re.search(r"errno = (\d+)", str(current))
+                code = int(found.group(1)) if found else code
+            if code in _DISK_FAULTS:
+                quoted = re.search(r"filename = '([^']*)'", str(current))
+                path = current.filename or (quoted.group(1) if quoted else None) or where
+                what, advice = _DISK_FAULTS[code]
+                return DiskError(code, f"{what}{f' on {path}' if path else ''}: {advice} "
+                                       "(files already in place are unchanged)")
+        current = current.__cause__ or current.__context__
+    return None

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from transfer_flow.storage.content_keys import content_key, package_version
-from transfer_flow.storage.errors import OutputExistsError, StoreError
+from transfer_flow.storage.errors import DatasetError, OutputExistsError, StoreError
 from transfer_flow.storage.extraction_record import ExtractionRecord, record_attrs
 from transfer_flow.storage.feature_store import (
     FeatureStore,
@@ -308,6 +308,9 @@ def _extract_into_shards(records: Sequence[ImageRecord], root: Path, extractor: 
             shard_hashes.extend(record.content_hash for record, _ in good)
         done += len(batch)
         if len(shard_hashes) + len(shard_skipped) >= shard_images or done == len(records):
+            if shard_skipped and not root.is_dir():  # not broken images: the whole folder is gone; commit nothing
+                raise DatasetError(f"The dataset folder {root} no longer exists (moved, removed or unmounted during "
+                                   "the run): put it back and run the same command again; finished work is kept")
             cache.commit_shard(shard_hashes, np.concatenate(shard_features) if shard_features else
                                np.empty((0, extractor.feature_dim), np.float32), shard_skipped)
             shard_hashes, shard_features, shard_skipped = [], [], {}
