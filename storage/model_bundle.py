@@ -174,7 +174,7 @@ def load_head(bundle: ModelBundle) -> Any:
     if digest != bundle.metadata.head_sha256:
         raise BundleError(f"{source} does not match the hash recorded in {METADATA_FILE}: refusing to load it")
     if bundle.metadata.head_format == "keras":
-        return KerasHead(_load_keras(payload), digest)
+        return KerasHead(_load_keras(payload, source), digest)
     import skops.io as sio
 
     allowed = _skops_types(payload, source)
@@ -214,8 +214,21 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
-def _load_keras(payload: bytes) -> Any:
-    """Load the very bytes whose hash was checked (a private copy: the file cannot change in between)."""
+def _load_keras(payload: bytes, source: Path) -> Any:
+    """Load the very bytes whose hash was checked (a private copy: the file cannot change in between).
+
+    A .keras file is a zip; every member's CRC is checked first, because Keras (through h5py) can crash
+    the process outright on damaged weights."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
+        raise BundleError(f"{source} is truncated or not a .keras file ({_first_line(error)}): "
+                          "copy the bundle again") from None
+    except Exception as error:  # noqa: BLE001 - zlib and zipfile raise various errors on damaged members
+        raise BundleError(f"{source} is damaged ({_first_line(error)}): copy the bundle again") from None
+    if damaged is not None:
+        raise BundleError(f"{source} is damaged ({damaged} fails its checksum): copy the bundle again")
     import keras
 
     with tempfile.TemporaryDirectory(prefix="transfer-flow-head-") as folder:

@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,34 @@ def test_every_scikit_learn_head_we_train_loads_under_the_allow_list(tmp_path):
             folder = tmp_path / f"{n_classes}-{i}"
             save_bundle(folder, head, metadata())
             np.testing.assert_array_equal(load_head(load_bundle(folder)).predict(features), head.predict(features))
+
+
+def _keras_bundle(folder):
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    return save_bundle(folder, model, metadata())
+
+
+def _rehash(folder, head_file) -> None:
+    meta = json.loads((folder / "bundle.json").read_text())
+    meta["head_sha256"] = hashlib.sha256(head_file.read_bytes()).hexdigest()
+    (folder / "bundle.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "truncated"])
+def test_a_damaged_keras_head_is_refused_without_crashing(tmp_path, damage):
+    """Flipped bytes once made Keras segfault after printing its refusal; a truncated file said 'File not found'."""
+    bundle = _keras_bundle(tmp_path / "model")
+    head_file = Path(bundle.path) / "head.keras"
+    data = bytearray(head_file.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        weights = data.find(b"model.weights.h5")  # inside the first member's bytes, past its local header
+        for i in range(weights + 200, weights + 2200, 7):
+            data[i] ^= 0xFF
+    head_file.write_bytes(bytes(data))
+    _rehash(tmp_path / "model", head_file)
+    with pytest.raises(BundleError, match="truncated or not a .keras file" if damage == "truncated" else "damaged"):
+        load_head(load_bundle(tmp_path / "model"))
