@@ -27,6 +27,9 @@ def predictions_csv_text(rows: Sequence[dict], top_k: int) -> str:
 
 
 def refuse_existing_predictions(target: Path, *, overwrite: bool) -> None:
+    if Path(target).is_dir():  # --overwrite cannot help: a folder is never replaced by a CSV
+        raise OutputExistsError(f"--output {target} is a folder; give the CSV a file name, such as "
+                                f"{Path(target) / 'predictions.csv'}")
     if Path(target).exists() and not overwrite:
         raise OutputExistsError(f"{target} already exists (pass --overwrite to replace it)")
 

@@ -107,3 +107,16 @@ class RowCache:
 
     def clear(self) -> None:
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+    def clear_other_settings(self) -> list[tuple[Path, int]]:
+        """Remove the shards that killed runs with other settings left beside the same store: a store under
+        this cache's settings is now complete, so their rows belong to no store. Returns (folder, bytes) of each.
+        """
+        store_name = self.parts_dir.name.rsplit(".", 2)[0]  # `features.h5.<key>.parts` → `features.h5`
+        removed = []
+        for other in sorted(self.parts_dir.parent.glob(f"{store_name}.*.parts")):
+            if other != self.parts_dir and other.is_dir():
+                size = sum(f.stat().st_size for f in other.rglob("*") if f.is_file())
+                shutil.rmtree(other, ignore_errors=True)
+                removed.append((other, size))
+        return removed

@@ -267,6 +267,9 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -
             writer.append(features, np.array([manifest.label_index(r.label) for r in rows], dtype=np.int64),
                           [r.path for r in rows], [r.split or "" for r in rows], [r.content_hash for r in rows])
     cache.clear()
+    for folder, size in cache.clear_other_settings():
+        stage_logger().info("extract: removed %s (%.1f MB of shards a killed run with other settings left)",
+                            folder, size / 1e6)
     return result(open_store(store_path), skipped, sum(1 for r in kept if r.content_hash in extracted_hashes), False)
 
 

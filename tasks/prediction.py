@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from transfer_flow.storage.errors import BundleError, WeightsUnavailableError
+from transfer_flow.storage.errors import BundleError, DatasetError, WeightsUnavailableError
 from transfer_flow.storage.model_bundle import ModelBundle, load_bundle, load_head
 from transfer_flow.tasks.backbones import ResolvedWeights, get_backbone
 from transfer_flow.tasks.extraction import ExtractionSettings, FeatureExtractor
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decoded_batches
 from transfer_flow.tasks.listing import IMAGE_EXTENSIONS
+from transfer_flow.tasks.logs import stage_logger
 
 
 class PredictionRow(BaseModel):
@@ -50,18 +51,54 @@ def find_bundle(path: Path | str) -> ModelBundle:
 
 def list_images(paths: Sequence[Path | str]) -> list[str]:
     """Each PATH as given if it is a file (or missing: it gets an error row); folders recursed, sorted,
-    keeping image extensions and skipping hidden entries, as the dataset listing does."""
+    keeping image extensions and skipping hidden entries, as the dataset listing does. As there too,
+    symbolic links are followed only while they stay inside the folder given (each folder once, so
+    loops end); one pointing outside is left out and logged.
+
+    Raises DatasetError when the folders given hold no image at all (a header-only CSV helps no one)."""
     found: list[str] = []
+    outside: list[str] = []
     for given in paths:
         given = Path(given)
         if not given.is_dir():
             found.append(str(given))
             continue
+        real_root = Path(os.path.realpath(given))
+        seen: set[str] = set()
         for folder, dirs, files in os.walk(given, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            found += [str(Path(folder) / name) for name in sorted(files)
-                      if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+            real_folder = os.path.realpath(folder)
+            if real_folder in seen:  # reached again through a link: a loop, or a second way in
+                dirs[:] = []
+                continue
+            seen.add(real_folder)
+            kept_dirs, kept_files = [], []
+            for names, kept in ((sorted(dirs), kept_dirs), (sorted(files), kept_files)):
+                for name in names:
+                    if name.startswith("."):
+                        continue
+                    if _inside(real_root, Path(folder) / name):
+                        kept.append(name)
+                    else:
+                        outside.append(str(Path(folder) / name))
+            dirs[:] = kept_dirs
+            found += [str(Path(folder) / name) for name in kept_files
+                      if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+    if outside:
+        stage_logger().warning("predict: %d symbolic links point outside the folders given and were not followed "
+                               "(first: %s)", len(outside), outside[0])
+    if not found:
+        raise DatasetError(f"No images to label under {', '.join(str(p) for p in paths)} (looked for "
+                           f"{', '.join(sorted(IMAGE_EXTENSIONS))}, in any case, hidden files left out)")
     return found
+
+
+def _inside(real_root: Path, path: Path) -> bool:
+    """Whether `path`, links resolved, stays under `real_root` (a dangling link stays: it gets an error row)."""
+    try:
+        real = Path(os.path.realpath(path, strict=True))
+    except OSError:
+        return True
+    return real.is_relative_to(real_root)
 
 
 def _weights_of(bundle: ModelBundle) -> ResolvedWeights:

@@ -120,3 +120,21 @@ def test_predict_says_what_matters_once_and_prefects_chatter_only_with_verbose(t
 def task_completions(text: str) -> list[str]:
     """Prefect's line for each task run that completed (the flow run's own final line stays on the terminal)."""
     return [line for line in text.splitlines() if "Task run" in line and "Finished in state Completed()" in line]
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+def test_an_output_folder_is_refused_with_advice_that_helps(trained_run, colour_dataset, tmp_path, capsys, overwrite):
+    """It was an IsADirectoryError traceback with --overwrite, and advice to pass --overwrite without it."""
+    image = str(colour_dataset / "red" / "img_000.jpg")
+    assert main(["predict", str(trained_run), image, "-o", str(tmp_path), *overwrite]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "is a folder" in err and str(tmp_path / "predictions.csv") in err and "Traceback" not in err
+    assert "pass --overwrite" not in err and tmp_path.is_dir()
+
+
+def test_a_folder_without_images_is_one_line_not_an_empty_csv(trained_run, tmp_path, capsys):
+    (tmp_path / "inbox").mkdir()
+    code = main(["predict", str(trained_run), str(tmp_path / "inbox"), "-o", str(tmp_path / "p.csv")])
+    assert code == EXIT_USER_ERROR
+    assert "No images to label under" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
