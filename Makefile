@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Reinstall only when the declared dependencies change (install is idempotent and cheap when nothing did).
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-faults lint bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test: lint
 # What needs no server of its own, no cluster and no Keras training: a quick loop while editing.
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
+
+# Every kill -9 point of the fault-injection suite on both stores (`make test` runs one per stage).
+test-faults: install
+	TRANSFER_FLOW_ALL_FAULTS=1 $(BIN)/python -m pytest tests/flows/test_fault_injection.py
 
 lint: install
 	$(BIN)/ruff check .
