@@ -6,7 +6,6 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -16,6 +15,7 @@ from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import DatasetError, OutputExistsError, StoreError
 from transfer_flow.storage.extraction_record import ExtractionRecord, record_attrs
 from transfer_flow.storage.feature_store import (
+    FeatureDtype,
     FeatureStore,
     create_store,
     open_store,
@@ -63,7 +63,7 @@ class ExtractionSettings(BaseModel):
         default=None, description="Compute precision; empty: the backbone's fastest measured (see BENCHMARKS.md)."
     )
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
-    feature_dtype: Literal["float32", "float16"] = Field(
+    feature_dtype: FeatureDtype = Field(
         default="float32", description="How features are stored; float16 halves the bytes."
     )
 

@@ -31,6 +31,7 @@ from transfer_flow.storage.feature_store.formats import (
 from transfer_flow.storage.feature_store.places import StorePath, place_of, refuse_existing
 from transfer_flow.storage.feature_store.rows import (
     FEATURE_DTYPES,
+    FeatureDtype,
     disk_attrs,
     parse_feature_dtype,
     parse_rows,
@@ -38,7 +39,7 @@ from transfer_flow.storage.feature_store.rows import (
 )
 
 __all__ = [
-    "FEATURE_DTYPES", "STORE_FORMATS", "FeatureStore", "FeatureWriter", "StoreContents", "StoreFormat",
+    "FEATURE_DTYPES", "FeatureDtype", "STORE_FORMATS", "FeatureStore", "FeatureWriter", "StoreContents", "StoreFormat",
     "StoreFormatName", "StorePath", "create_store", "open_store", "read_contents", "read_features",
     "reading", "rows_per_chunk", "store_exists", "store_format_of",
 ]

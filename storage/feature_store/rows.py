@@ -10,7 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -18,7 +18,8 @@ from transfer_flow.storage.content_keys import package_version
 from transfer_flow.storage.errors import StoreError
 
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB row chunks: h5py's advice for chunk size, whatever the feature width
-FEATURE_DTYPES = ("float32", "float16")  # float16 halves the bytes; reads come back as float32 either way
+FeatureDtype = Literal["float32", "float16"]  # float16 halves the bytes; reads come back as float32 either way
+FEATURE_DTYPES = get_args(FeatureDtype)
 STRING_COLUMNS = ("paths", "split", "hashes")
 ROW_COLUMNS = ("features", "labels", *STRING_COLUMNS)  # one entry per row, all grown and written together
 UNWRITTEN_LABEL = -1  # fill value of zarr `labels`: a preallocated row nobody wrote is visible as such
