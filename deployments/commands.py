@@ -82,7 +82,8 @@ def add_deployment_commands(subparsers) -> None:
 
     watch = subparsers.add_parser(
         "watch", help="announce dataset folders that arrive in an inbox (triggers on-dataset)",
-        description=f"Scan INBOX every --interval seconds. Each sub-folder is a dataset; it is announced once, "
+        description=f"Scan INBOX when anything in it changes and every --interval seconds. Each sub-folder is a "
+                    f"dataset; it is announced once, "
                     f"with a transfer-flow.dataset.arrived event, when ready: when it holds a {MARKER} file "
                     f"(--ready marker, the default: create it after copying) or when nothing in it has changed for "
                     f"--quiet-seconds (--ready quiet), and it was unchanged since the previous scan. What was "
@@ -94,7 +95,8 @@ def add_deployment_commands(subparsers) -> None:
                             "(default: %(default)s)")
     watch.add_argument("--quiet-seconds", type=float, default=60.0, metavar="S", help="default: %(default)s")
     watch.add_argument(
-        "--interval", type=float, default=5.0, metavar="S", help="seconds between scans (default: %(default)s)"
+        "--interval", type=float, default=5.0, metavar="S",
+        help="longest wait between scans, changes or not (default: %(default)s)",
     )
     watch.add_argument("--state", metavar="FILE", help=f"state file (default: INBOX/{STATE_FILE})")
     watch.add_argument("--once", action="store_true",
@@ -204,7 +206,8 @@ def _watch(args: argparse.Namespace) -> int:
         return 0
     rule = "a _READY file" if args.ready == "marker" else f"{args.quiet_seconds:g} s without changes"
     print(
-        f"watching {watcher.inbox} every {args.interval:g} s (ready: {rule}; state: {watcher.log.path}); Ctrl-C stops",
+        f"watching {watcher.inbox} (scans on changes and every {args.interval:g} s; ready: {rule}; "
+        f"state: {watcher.log.path}); Ctrl-C stops",
         flush=True,
     )
     try:

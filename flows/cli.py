@@ -13,13 +13,13 @@ from typing import get_args
 from pydantic import ValidationError
 
 from transfer_flow.flows.options import add_pipeline_options, add_settings_options, given_settings
-from transfer_flow.flows.settings import CompareSettings, PipelineSettings, PredictionSettings
+from transfer_flow.flows.settings import CompareSettings, ExportSettings, PipelineSettings, PredictionSettings
 from transfer_flow.storage.errors import SettingsError, TransferFlowError, disk_error
 from transfer_flow.tasks.training import HeadName
 
 EXIT_USER_ERROR = 2
 # Settings fields given as positional arguments, named in errors as the usage line shows them.
-POSITIONAL_NAMES = {"dataset": "DATASET", "bundle": "BUNDLE", "paths": "PATH"}
+POSITIONAL_NAMES = {"dataset": "DATASET", "bundle": "BUNDLE", "paths": "PATH", "source": "SOURCE"}
 # What extraction and prediction import first (seconds of start-up): imported while the Prefect API starts.
 BACKBONE_MODULES = ("tensorflow", "keras")
 
@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (recursed)")
     add_settings_options(predict, PredictionSettings, exclude={"bundle", "paths"}, metavars={"output": "CSV"})
     predict.set_defaults(handler=_predict)
+
+    export = commands.add_parser(
+        "export", help="export a run's features to parquet or .npy shards for embedding tools",
+        description="Write SOURCE's feature store (a run's output folder, or a store) as parquet files with one row "
+                    "per image (path, label, label_index, split, hash, features), or as embeddings/*.npy shards "
+                    "beside metadata/*.parquet, the layout clip-retrieval and embedding-reader share.")
+    export.add_argument("source", metavar="SOURCE", help="a run's output folder, or a feature store")
+    add_settings_options(export, ExportSettings, exclude={"source"})
+    export.set_defaults(handler=_export)
 
     backbones = commands.add_parser(
         "backbones",
@@ -164,6 +173,19 @@ def _predict(args: argparse.Namespace) -> int:
         sys.stdout.write(predictions_csv_text([r.csv_row(summary.top_k) for r in summary.rows], summary.top_k))
     else:
         print(f"\n{summary.images} images labelled ({summary.failed} unreadable) → {settings.output}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from transfer_flow.storage.export import export_store, find_store
+
+    settings = ExportSettings.model_validate(given_settings(args, ExportSettings))
+    source = Path(settings.source)
+    output = Path(settings.output) if settings.output else (source if source.is_dir() and source.suffix != ".zarr"
+                                                            else source.parent) / f"export-{settings.format}"
+    result = export_store(find_store(source, settings.store), output, settings.format,
+                          shard_rows=settings.shard_rows, overwrite=settings.overwrite)
+    print(f"{result.rows} rows in {result.shards} {result.format} shard(s) → {result.path}")
     return 0
 
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from transfer_flow.storage.export import ExportFormat
 from transfer_flow.storage.feature_store.formats import DEFAULT_STORE_FORMAT, StoreFormatName
 from transfer_flow.tasks.extraction import ExtractionSettings
 from transfer_flow.tasks.heads import HEADS, HeadName, heads_help
@@ -105,6 +106,21 @@ class CompareSettings(PipelineSettings):
         if len(set(value)) != len(value):
             raise ValueError(f"Expected each head once, got {', '.join(value)}")
         return value
+
+
+class ExportSettings(BaseModel):
+    """Settings of one export: a run's feature store out to the formats embedding tools read."""
+
+    source: str = Field(description="A run's output folder, or a feature store (features.h5, features.zarr).")
+    format: ExportFormat = Field(
+        default="parquet",
+        description="parquet: one row per image with a fixed-size-list features column; npy: embeddings/*.npy "
+        "shards beside metadata/*.parquet (clip-retrieval's layout).",
+    )
+    output: str | None = Field(default=None, description="Folder to write; empty: SOURCE/export-FORMAT.")
+    store: StoreFormatName | None = Field(default=None, description="Which store, where SOURCE holds both.")
+    shard_rows: int = Field(default=100_000, ge=1, description="Rows per parquet/npy shard.")
+    overwrite: bool = Field(default=False, description="Replace an existing export folder.")
 
 
 class PredictionSettings(BaseModel):

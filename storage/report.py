@@ -4,12 +4,13 @@ train by epochs, training_curves.png."""
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import matplotlib
 
 matplotlib.use("Agg")  # files only: never open a window, work without a display
@@ -23,6 +24,7 @@ from transfer_flow.storage.atomic import atomic_path  # noqa: E402
 from transfer_flow.storage.report_metrics import METRICS_FILE, Misclassified, ReportMetrics, metrics_json  # noqa: E402
 
 HTML_FILE = "report.html"
+HTML_TEMPLATE = "report.html.j2"  # in templates/ beside this module
 
 
 def confusion_table_markdown(class_names: list[str], confusion: list[list[int]]) -> str:
@@ -115,32 +117,11 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-_STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:1100px;color:#222;
-padding:0 1rem}
-h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-.cards{display:flex;gap:1rem;flex-wrap:wrap}
-.card{border:1px solid #ddd;border-radius:8px;padding:.7rem 1rem;min-width:8rem}
-.card b{display:block;font-size:1.6rem}.card span{color:#666;font-size:.85rem}
-table{border-collapse:collapse;font-size:.9rem}th,td{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}
-th:first-child,td:first-child{text-align:left}tr:nth-child(even){background:#f7f7f7}
-.low{background:#fde2e2}.settings td{text-align:left}
-.gallery{display:flex;flex-wrap:wrap;gap:.8rem}.gallery figure{margin:0;width:150px;font-size:.78rem}
-.gallery img{width:150px;height:150px;image-rendering:pixelated;border:1px solid #ccc;object-fit:contain;
-background:#eee}
-.gallery .missing{width:150px;height:150px;border:1px dashed #ccc;display:flex;align-items:center;
-justify-content:center;color:#999}
-figcaption{overflow-wrap:anywhere}.wrong{color:#b00020}
-.warning{background:#fff4d6;border-left:4px solid #e0a800;padding:.5rem .8rem}
-"""
-
-
 def report_html(metrics: ReportMetrics, pictures: dict[str, bytes],
                 gallery: list[tuple[bytes | None, Misclassified]]) -> str:
-    """One self-contained page: every picture is a data URI, nothing is fetched from anywhere. Void
-    elements are self-closed, so the page is well-formed XML too (xml.etree reads it)."""
-    e = html.escape
-    names = metrics.class_names
+    """One self-contained page (templates/report.html.j2): every picture is a data URI, nothing is fetched
+    from anywhere. Void elements are self-closed, so the page is well-formed XML too (xml.etree reads it);
+    every value is escaped by the template (autoescape), paths and class names included."""
     interval = metrics.accuracy_ci
     accuracy_label = f"accuracy (95% CI {interval[0]:.3f}–{interval[1]:.3f})" if interval else "accuracy"
     cards = [(accuracy_label, f"{metrics.accuracy:.4f}"), ("macro F1", f"{metrics.macro_f1:.4f}"),
@@ -149,53 +130,23 @@ def report_html(metrics: ReportMetrics, pictures: dict[str, bytes],
         cards.append(("baseline: majority class", f"{metrics.baselines.majority:.4f}"))
         if metrics.baselines.raw_pixels is not None:
             cards.append(("baseline: raw 16x16 pixels + logreg", f"{metrics.baselines.raw_pixels:.4f}"))
-    notes = baseline_lines(metrics)[1:]
     settings = [("head", metrics.head), ("best", _params_text(metrics.best_params)),
                 ("backbone", metrics.backbone), ("weights", metrics.weights_source),
                 ("image size", metrics.image_size), ("pooling", metrics.pooling),
                 ("precision", metrics.precision), ("features", f"{metrics.feature_dim}-d, stored as "
                                                                    f"{metrics.feature_dtype}"),
                 ("feature store", metrics.store)]
-    rows = []
-    for name in names:
-        scores = metrics.per_class[name]
-        low = ' class="low"' if scores["f1-score"] < metrics.macro_f1 - 0.1 else ""
-        rows.append(f"<tr{low}><td>{e(name)}</td><td>{scores['precision']:.4f}</td><td>{scores['recall']:.4f}</td>"
-                    f"<td>{scores['f1-score']:.4f}</td><td>{int(scores['support'])}</td></tr>")
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8"/>',
-        f"<title>transfer-flow report: {e(metrics.backbone)} + {e(metrics.head)}</title>",
-        f"<style>{_STYLE}</style>", "</head>", "<body>",
-        f"<h1>transfer-flow report: {e(metrics.backbone)} + {e(metrics.head)}</h1>",
-        '<div class="cards">', *[f"<div class=\"card\"><b>{e(v)}</b><span>{e(k)}</span></div>" for k, v in cards],
-        "</div>", *[f'<p class="warning">{e(note)}</p>' for note in notes],
-        '<h2>Run</h2>', '<table class="settings">',
-        *[f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in settings], "</table>",
-        "<h2>Per-class metrics</h2>", "<table>",
-        "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>", *rows, "</table>",
-        "<h2>Confusion matrix</h2>",
-        f'<img src="{_data_uri(pictures["confusion_matrix"])}" alt="confusion matrix of the test split"/>',
-    ]
-    if pictures.get("training_curves"):
-        parts += ["<h2>Training curves</h2>",
-                  f'<img src="{_data_uri(pictures["training_curves"])}" alt="loss and accuracy per epoch"/>']
-    shown = len(gallery)
-    total = metrics.n_misclassified
-    parts.append(f"<h2>Misclassified test images ({total}"
-                 f"{f', the {shown} most confident shown' if shown < total else ''})</h2>")
-    if not gallery:
-        parts.append("<p>None: every test image was labelled correctly.</p>")
-    else:
-        parts.append('<div class="gallery">')
-        for png, item in gallery:
-            picture = (f'<img src="{_data_uri(png)}" alt="{e(item.path)}"/>' if png is not None
-                       else '<div class="missing">not readable now</div>')
-            parts.append(f"<figure>{picture}<figcaption>{e(item.path)}<br/>true: <b>{e(item.true)}</b><br/>"
-                         f"<span class=\"wrong\">predicted: <b>{e(item.predicted)}</b></span> "
-                         f"({item.confidence:.2f})</figcaption></figure>")
-        parts.append("</div>")
-    parts += ["</body>", "</html>", ""]
-    return "\n".join(parts)
+    return _templates().get_template(HTML_TEMPLATE).render(
+        m=metrics, cards=cards, notes=baseline_lines(metrics)[1:], settings=settings,
+        pictures=pictures, gallery=gallery)
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+                                     autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    environment.filters["data_uri"] = _data_uri
+    return environment
 
 
 def read_report_key(report_dir: Path) -> str | None:

@@ -11,6 +11,9 @@ never announced. A ready folder is announced with one `transfer-flow.dataset.arr
 state file remembers each announcement, so a restarted watcher stays quiet about what it already
 announced; a folder whose fingerprint changes later is announced again, as a new version.
 
+The watcher wakes on filesystem events (watchfiles: inotify, FSEvents, ReadDirectoryChangesW) and
+rescans every `interval` seconds regardless, which is all a network filesystem offers.
+
 Polling alternative: `transfer_flow.flows.inbox.scan_inbox` runs one scan as a flow, on a schedule (`transfer-flow serve
 --inbox DIR`), sharing the same state file and lock.
 
@@ -163,21 +166,46 @@ class InboxWatcher:
                  announcement.files, announcement.event_id)
 
     def run(self, interval: float = 5.0, stop: threading.Event | None = None, max_scans: int | None = None) -> None:
-        """Scan every `interval` seconds until `stop` is set (or `max_scans` scans are done)."""
+        """Scan now, then again on every change in the inbox and at least every `interval` seconds, until
+        `stop` is set (or `max_scans` scans are done).
+
+        Changes come as native filesystem events through watchfiles, so a marker is seen within a moment;
+        the scan every `interval` seconds, with or without events, is what makes a folder's second,
+        unchanged sighting happen, lets the quiet period elapse, and catches what a network filesystem
+        never reports as an event (another machine writing over NFS or SMB).
+        """
+        from watchfiles import watch
+
         stop = stop or threading.Event()
+        timeout_ms = max(1, round(interval * 1000))
+        changes = watch(self.inbox, watch_filter=self._is_relevant, stop_event=stop, rust_timeout=timeout_ms,
+                        yield_on_timeout=True)
         scans = 0
-        while not stop.is_set():
-            try:
-                self.scan()
-            except TransferFlowError:
-                raise
-            except Exception as error:  # the server is restarting, a folder vanished mid-scan...: try again later
-                log.warning("scan of %s failed (%s: %s); retrying in %g s", self.inbox, type(error).__name__,
-                            error, interval)
-            scans += 1
-            if max_scans is not None and scans >= max_scans:
-                return
-            stop.wait(interval)
+        try:
+            while not stop.is_set():
+                try:
+                    self.scan()
+                except TransferFlowError:
+                    raise
+                except Exception as error:  # the server is restarting, a folder vanished mid-scan...: try again later
+                    log.warning("scan of %s failed (%s: %s); retrying in %g s", self.inbox, type(error).__name__,
+                                error, interval)
+                scans += 1
+                if max_scans is not None and scans >= max_scans:
+                    return
+                if next(changes, None) is None:  # else a batch of changes, or an empty one: the interval passed
+                    return  # `stop` was set while waiting
+        finally:
+            changes.close()
+
+    def _is_relevant(self, change: Any, path: str) -> bool:
+        """Changes that can alter a dataset's fingerprint or its marker: hidden entries (the state file, its
+        lock, temporaries, .DS_Store) are not, which also keeps the watcher's own writes from waking it."""
+        try:
+            parts = Path(path).relative_to(self.inbox).parts
+        except ValueError:
+            return False
+        return bool(parts) and not any(part.startswith(".") for part in parts)
 
 
 def emit_announcement(announcement: Announcement) -> None:

@@ -1,7 +1,9 @@
 """The HDF5 backend: one file, written by one writer at a time (HDF5 has no concurrent writers).
 
 It keeps the classic layout (`features`, `labels`, `label_names`) that the classic recipe's training
-step reads unchanged.
+step reads unchanged, plus one empty dimension-scale dataset per dimension (`image`, `feature`,
+`class`) attached to the arrays' axes the way netCDF-4 marks a dimension that is not a variable, so
+`xr.open_dataset(path, engine="h5netcdf")` names the axes; our reader and h5py readers never look at them.
 """
 from __future__ import annotations
 
@@ -11,7 +13,18 @@ from typing import Any
 import h5py
 import numpy as np
 
-from transfer_flow.storage.feature_store.rows import ROW_COLUMNS, STRING_COLUMNS, Layout, Rows, plain, rows_per_chunk
+from transfer_flow.storage.feature_store.rows import (
+    DIMENSIONS,
+    ROW_COLUMNS,
+    STRING_COLUMNS,
+    Layout,
+    Rows,
+    plain,
+    rows_per_chunk,
+)
+
+# netCDF-4's NAME for a dimension scale that holds no values of its own (what netCDF-C and h5netcdf write).
+NOT_A_VARIABLE = b"This is a netCDF dimension but not a netCDF variable."
 
 
 class Writer:
@@ -29,9 +42,22 @@ class Writer:
         for name in STRING_COLUMNS:
             create(name, shape=(n_rows,), maxshape=(None,), dtype=text, chunks=(4096,))
         create("label_names", data=np.array(list(label_names), dtype=object), dtype=text)
+        self._name_dimensions({"image": n_rows, "feature": feature_dim, "class": len(label_names)})
+
+    def _name_dimensions(self, sizes: dict[str, int]) -> None:
+        """One scale per dimension, attached to every array axis it names. Never written, so chunked
+        storage allocates nothing for them; `image` grows with the rows (unlimited, like `features`)."""
+        for name, size in sizes.items():
+            growing = name == "image"
+            scale = self._file.create_dataset(name, shape=(size,), maxshape=(None,) if growing else (size,),
+                                              dtype="f4", chunks=(4096,) if growing else None)
+            scale.make_scale(NOT_A_VARIABLE + f"{size:10d}".encode())
+        for array, dimensions in DIMENSIONS.items():
+            for axis, name in enumerate(dimensions):
+                self._file[array].dims[axis].attach_scale(self._file[name])
 
     def resize(self, n_rows: int) -> None:
-        for name in ROW_COLUMNS:
+        for name in (*ROW_COLUMNS, "image"):
             self._file[name].resize(n_rows, axis=0)
 
     def write(self, start: int, rows: Rows) -> None:

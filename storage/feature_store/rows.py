@@ -3,6 +3,10 @@
 Both backends hold the same arrays: `features` (rows x dim, float32 or float16, chunks of
 `rows_per_chunk` rows), `labels` (int64), `label_names`, `paths`, `split`, `hashes` (strings), and the
 same attributes (scalars as they are, anything nested as JSON text).
+
+Every array names its dimensions (`DIMENSIONS`: zarr `dimension_names`, HDF5 dimension scales), so
+xarray, dask and netCDF readers see `image`, `feature` and `class` rather than anonymous axes. Stores
+written before carry no names and read the same through our readers, which look arrays up by name.
 """
 from __future__ import annotations
 
@@ -22,6 +26,11 @@ FeatureDtype = Literal["float32", "float16"]  # float16 halves the bytes; reads 
 FEATURE_DTYPES = get_args(FeatureDtype)
 STRING_COLUMNS = ("paths", "split", "hashes")
 ROW_COLUMNS = ("features", "labels", *STRING_COLUMNS)  # one entry per row, all grown and written together
+# The dimensions of each array, as xarray will name them; a column added per row is on ("image",).
+DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "features": ("image", "feature"), **{name: ("image",) for name in ("labels", *STRING_COLUMNS)},
+    "label_names": ("class",),
+}
 UNWRITTEN_LABEL = -1  # fill value of zarr `labels`: a preallocated row nobody wrote is visible as such
 
 

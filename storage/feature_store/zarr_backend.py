@@ -3,16 +3,20 @@
 
 Dask reads it directly: `dask.array.from_zarr(path, component="features")`. Every row array has the
 same row chunking, so writers of disjoint ranges that start on a chunk boundary never touch the same
-chunk file (see concurrent_zarr.py).
+chunk file (see concurrent_zarr.py). Every array carries its `dimension_names` (rows.py `DIMENSIONS`) and
+the group's metadata is consolidated whenever its attributes are set (the last step of every write), so
+`xr.open_zarr(path)` opens it in one read of `zarr.json`.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from transfer_flow.storage.feature_store.rows import (
+    DIMENSIONS,
     ROW_COLUMNS,
     STRING_COLUMNS,
     UNWRITTEN_LABEL,
@@ -37,12 +41,15 @@ class Writer:
         group = zarr.open_group(location, mode="w", zarr_format=3)
         chunk = rows_per_chunk(feature_dim, dtype)
         group.create_array("features", shape=(n_rows, feature_dim), dtype=dtype, chunks=(chunk, feature_dim),
-                           fill_value=0)
-        group.create_array("labels", shape=(n_rows,), dtype="int64", chunks=(chunk,), fill_value=UNWRITTEN_LABEL)
+                           fill_value=0, dimension_names=DIMENSIONS["features"])
+        group.create_array("labels", shape=(n_rows,), dtype="int64", chunks=(chunk,), fill_value=UNWRITTEN_LABEL,
+                           dimension_names=DIMENSIONS["labels"])
         for name in STRING_COLUMNS:
-            group.create_array(name, shape=(n_rows,), dtype=str, chunks=(chunk,), fill_value="")
+            group.create_array(name, shape=(n_rows,), dtype=str, chunks=(chunk,), fill_value="",
+                               dimension_names=DIMENSIONS[name])
         names = group.create_array("label_names", shape=(len(label_names),), dtype=str,
-                                   chunks=(max(1, len(label_names)),), fill_value="")
+                                   chunks=(max(1, len(label_names)),), fill_value="",
+                                   dimension_names=DIMENSIONS["label_names"])
         names[:] = list(label_names)
         return cls(group)
 
@@ -74,7 +81,13 @@ class Writer:
             self._arrays[name][start:start + rows.n] = values
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
+        import zarr
+
         self._group.attrs.update(attrs)
+        with warnings.catch_warnings():
+            # zarr warns that consolidated metadata is not yet in the v3 spec; xarray and zarr both read it.
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            zarr.consolidate_metadata(self._group.store)
 
     def close(self) -> None:
         pass

@@ -11,6 +11,7 @@ import fsspec
 import h5py
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 
 from transfer_flow.storage.errors import OutputExistsError, StoreError
@@ -202,6 +203,67 @@ def test_attrs_are_identical_across_backends(tmp_path):
     )
 
 
+XARRAY_OPEN = {"zarr": xr.open_zarr, "hdf5": lambda path: xr.open_dataset(path, engine="h5netcdf")}
+
+
+@pytest.mark.filterwarnings("error")  # "missing dimension_names", phony_dim_*, unconsolidated metadata: all fail
+@pytest.mark.parametrize("backend", list(STORE_FORMATS))
+def test_xarray_opens_a_store_with_named_dimensions(tmp_path, backend):
+    path = tmp_path / STORE_FORMATS[backend].file_name
+    features, labels, paths, split, hashes = write_store(path, n=7, dim=5)
+    with XARRAY_OPEN[backend](path) as dataset:
+        assert dict(dataset.sizes) == {"image": 7, "feature": 5, "class": 2}
+        assert dataset["features"].dims == ("image", "feature")
+        assert {name: dataset[name].dims for name in ("labels", "paths", "split", "hashes", "label_names")} == {
+            "labels": ("image",), "paths": ("image",), "split": ("image",), "hashes": ("image",),
+            "label_names": ("class",)}
+        np.testing.assert_array_equal(dataset["features"].values, features)
+        np.testing.assert_array_equal(dataset["labels"].values, labels)
+        assert dataset["paths"].values.tolist() == paths and dataset["split"].values.tolist() == split
+        assert dataset["label_names"].values.tolist() == ["cat", "dog"]
+        assert dataset.attrs["backbone"] == "vgg16"
+        # What a user does next: the class name of each image, by dimension name.
+        named = dataset["label_names"].isel({"class": dataset["labels"]})
+        assert named.dims == ("image",) and named.values.tolist() == ["cat", "dog"] * 3 + ["cat"]
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_store_filled_by_concurrent_writers_opens_in_xarray(tmp_path):
+    features, labels, paths, split, hashes = make_rows(6, 3)
+    tmp = preallocate_zarr_store(tmp_path / "c.zarr", n_rows=6, feature_dim=3, label_names=["cat", "dog"], attrs={})
+    write_rows(tmp, 0, features, labels, paths, split, hashes)
+    commit_store(tmp, tmp_path / "c.zarr")
+    with xr.open_zarr(tmp_path / "c.zarr") as dataset:
+        np.testing.assert_array_equal(dataset["features"].values, features)
+        assert "created" in dataset.attrs  # set at commit, and seen: the consolidated metadata is current
+
+
+def test_stores_without_dimension_names_still_open(tmp_path):
+    """The classic layout as written before dimensions were named: plain datasets, no scales."""
+    with h5py.File(tmp_path / "old.h5", "w") as file:
+        file["features"] = np.ones((3, 2), dtype=np.float32)
+        file["labels"] = np.array([0, 1, 0])
+        file["label_names"] = np.array(["cat", "dog"], dtype=object)
+    old = zarr.open_group(tmp_path / "old.zarr", mode="w", zarr_format=3)
+    old.create_array("features", data=np.ones((3, 2), dtype=np.float32))
+    old.create_array("labels", data=np.array([0, 1, 0]))
+    old.create_array("label_names", shape=(2,), dtype=str)[:] = ["cat", "dog"]
+    for path in (tmp_path / "old.h5", tmp_path / "old.zarr"):
+        store = open_store(path)
+        assert (store.n_rows, store.feature_dim, store.label_names) == (3, 2, ["cat", "dog"])
+        assert read_contents(store).paths == ["", "", ""]
+        np.testing.assert_array_equal(read_features(store, np.array([2, 0])), np.ones((2, 2)))
+
+
+def test_classic_h5py_reader_sees_only_the_classic_arrays_it_asks_for(tmp_path):
+    features, labels = write_store(tmp_path / "f.h5", n=5)[:2]
+    with h5py.File(tmp_path / "f.h5", "r") as file:  # the classic recipe's reader: arrays by name
+        np.testing.assert_array_equal(file["features"][:], features)
+        np.testing.assert_array_equal(file["labels"][:], labels)
+        assert [name.decode() for name in file["label_names"][:]] == ["cat", "dog"]
+        assert [scale.name for scale in file["features"].dims[0].values()] == ["/image"]
+
+
 def test_chunks_stay_near_one_mebibyte_for_wide_features():
     assert rows_per_chunk(25088) * 25088 * 4 <= 1 << 20
     assert rows_per_chunk(10**7) == 1
@@ -223,6 +285,7 @@ def test_remote_hdf5_is_refused():
 # --- zarr only -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("error")
 def test_dask_reads_a_zarr_store(tmp_path):
     features = write_store(tmp_path / "f.zarr", n=600, dim=1024)[0]
     lazy = dask.array.from_zarr(str(tmp_path / "f.zarr"), component="features")

@@ -1,6 +1,8 @@
 """The inbox watcher: ready rules, debounce, exactly one announcement per dataset version across restarts."""
 import json
 import os
+import threading
+import time
 
 import pytest
 
@@ -153,3 +155,23 @@ def test_bad_settings_are_user_errors(tmp_path):
         InboxWatcher(tmp_path / "nope")
     with pytest.raises(SettingsError, match="quiet"):
         InboxWatcher(tmp_path, ready="soon")
+
+
+def test_a_marker_wakes_the_watcher_without_waiting_for_the_next_scan(tmp_path):
+    """Filesystem events, not the interval, start the scan that announces: with scans an hour apart,
+    the marker alone gets the dataset announced."""
+    folder = add_dataset(tmp_path, "cats", marker=False)
+    emit, stop = Recorder(), threading.Event()
+    watcher = threading.Thread(target=InboxWatcher(tmp_path, emit=emit).run, kwargs={"interval": 3600, "stop": stop})
+    watcher.start()
+    try:
+        for _ in range(120):  # the marker is written (again) until the watcher, once started, sees it
+            (folder / MARKER).write_text("done")
+            time.sleep(0.5)
+            if emit.sent:
+                break
+    finally:
+        stop.set()
+        watcher.join(timeout=30)
+    assert not watcher.is_alive()  # stopping is prompt too: the stop event ends the wait
+    assert [a.name for a in emit.sent] == ["cats"]
