@@ -146,7 +146,7 @@ def test_a_truncated_head_is_one_clear_error(tmp_path):
 
 
 def test_every_scikit_learn_head_we_train_loads_under_the_allow_list(tmp_path):
-    from transfer_flow.tasks.heads import fit_linear_svm, fit_logreg, fit_sgd
+    from transfer_flow.tasks.heads import HEADS, HeadInputs
     from transfer_flow.tasks.training import TrainingSettings
 
     settings = TrainingSettings(c_grid=[1.0], cv_folds=2)
@@ -155,9 +155,10 @@ def test_every_scikit_learn_head_we_train_loads_under_the_allow_list(tmp_path):
         features = rng.normal(size=(24, 4)).astype(dtype)
         labels = np.arange(24) % n_classes
         no_val = np.zeros(24, bool)
-        heads = [fit_logreg(features, labels, no_val, settings)[0],
-                 fit_linear_svm(features, labels, no_val, settings)[0],
-                 fit_sgd(lambda rows: features[rows], np.arange(24), labels, no_val, n_classes, 8, settings)[0]]
+        data = HeadInputs(rows=np.arange(24), labels=labels, is_val=no_val, n_classes=n_classes,
+                          read=lambda rows: features[rows], block_rows=8)
+        heads = [spec.fit(data, settings)[0] for spec in HEADS.values() if spec.head_format == "skops"]
+        assert len(heads) == 3  # logreg, linear-svm, sgd
         for i, head in enumerate(heads):
             folder = tmp_path / f"{n_classes}-{i}"
             save_bundle(folder, head, metadata())
