@@ -4,7 +4,8 @@
 Training copies it from the store into the bundle, evaluation checks a bundle against a store with it,
 prediction rebuilds the extractor from it. On disk it is flat scalars (readable with h5dump or a zarr
 listing): the backbone's name, the weights' source and file, image size, pooling, compute precision,
-preprocessing, resize and stored feature dtype.
+preprocessing, resize, stored feature dtype, and the augmented views of each training image (how many,
+by which recipe and seed).
 """
 from __future__ import annotations
 
@@ -36,9 +37,12 @@ class ExtractionRecord(BaseModel):
     preprocessing: str
     resize: str = Field(default="", description="How images were resized (empty when not recorded).")
     feature_dtype: str = Field(default="float32", description="How the features are stored (float16 rounds).")
+    augment: int = Field(default=0, description="Augmented views stored per training image (0: none).")
+    augment_recipe: str = Field(default="", description="How a view is made, with its seed (empty: no views).")
 
 
-_SCALARS = ("backbone", "image_size", "pooling", "precision", "preprocessing", "resize", "feature_dtype")
+_SCALARS = ("backbone", "image_size", "pooling", "precision", "preprocessing", "resize", "feature_dtype", "augment",
+            "augment_recipe")
 
 
 def record_attrs(record: ExtractionRecord) -> dict[str, str | int]:

@@ -5,6 +5,7 @@ Rows come from two places: the previous complete store (when it was made with th
 and shard files that a run commits as it goes (`<store>.<key>.parts/shard-<content>.h5`, each written
 atomically, by the flow's process or by Dask workers). After `kill -9` the committed shards survive,
 so the next run extracts only what is missing; once a new store is complete the shards are removed.
+A row is named by `row_key`: the image's content hash, and `hash#v` for its augmented view v.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ from transfer_flow.storage.feature_store import FeatureStore, open_store, read_c
 SHARD_PATTERN = "shard-*.h5"
 
 
+def row_key(content_hash: str, view: int) -> str:
+    """How the cache names a row: the content hash for the image itself, `hash#v` for its view v."""
+    return content_hash if view == 0 else f"{content_hash}#{view}"
+
+
 class RowCache:
     """Index of cached rows (hash → file, row) and known-broken images (hash → reason)."""
 
@@ -39,9 +45,10 @@ class RowCache:
         if previous_store is not None:
             store = open_store(previous_store)
             if store.feature_dim == self.feature_dim:  # another width cannot be these settings' rows
-                for row, digest in enumerate(read_contents(store).hashes):
+                contents = read_contents(store)
+                for row, (digest, view) in enumerate(zip(contents.hashes, contents.view.tolist())):
                     if digest:
-                        self.rows.setdefault(digest, (previous_store, row))
+                        self.rows.setdefault(row_key(digest, view), (previous_store, row))
                 self.skipped.update(json.loads(store.attrs.get("skipped", "{}")))
                 self._stores[previous_store] = store
         for shard in self.shards():

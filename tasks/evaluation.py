@@ -69,7 +69,7 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
     started = time.perf_counter()
     check_bundle_fits_store(bundle, store)
     contents = read_contents(store)
-    rows = np.flatnonzero(np.asarray(contents.split) == "test")
+    rows = np.flatnonzero((np.asarray(contents.split) == "test") & (contents.view == 0))  # images, not views
     if len(rows) == 0:
         raise DatasetError("No test images left to evaluate on (all unreadable?)")
     truth = contents.labels[rows]

@@ -1,4 +1,8 @@
-"""Extraction: images of a Manifest → rows of a FeatureStore, batched, with decoding run ahead of inference."""
+"""Extraction: images of a Manifest → rows of a FeatureStore, batched, with decoding run ahead of inference.
+
+With `augment` K > 0 every training image also gets K augmented views (tasks/augmentation.py), each one more
+row (its `view` column 1..K, same path, hash, label and split): cached per (content hash, view) like any row.
+"""
 from __future__ import annotations
 
 import json
@@ -23,7 +27,8 @@ from transfer_flow.storage.feature_store import (
     store_exists,
 )
 from transfer_flow.storage.manifest import ImageRecord, Manifest
-from transfer_flow.storage.row_cache import RowCache
+from transfer_flow.storage.row_cache import RowCache, row_key
+from transfer_flow.tasks.augmentation import AUGMENT_RECIPE, augmented_view
 from transfer_flow.tasks.backbones import (
     DEFAULT_BACKBONE,
     BackboneName,
@@ -66,6 +71,16 @@ class ExtractionSettings(BaseModel):
     feature_dtype: FeatureDtype = Field(
         default="float32", description="How features are stored; float16 halves the bytes."
     )
+    augment: int = Field(
+        default=0, ge=0, le=64,
+        description="Augmented views stored per training image (random flip, rotation, zoom, shift; never of "
+        "test or val images); heads train on all of them.",
+    )
+    seed: int = Field(default=42, description="Seed of the augmented views (and, in a pipeline, of the split).")
+
+    def augment_recipe(self) -> str:
+        """What decides the pixels of a view (empty without views): part of the extraction key and record."""
+        return AUGMENT_RECIPE.describe(self.seed) if self.augment else ""
 
     def resolved_size(self) -> int:
         return self.image_size or get_backbone(self.backbone).native_size
@@ -82,7 +97,7 @@ class SkippedImage(BaseModel):
 class ExtractionResult(BaseModel):
     store: FeatureStore
     images_extracted: int = Field(description="Images decoded and run through the backbone by this run.")
-    images_reused: int = Field(description="Rows taken from an earlier run with the same settings.")
+    images_reused: int = Field(description="Images whose rows were taken from an earlier run with the same settings.")
     images_skipped: list[SkippedImage]
     weights: ResolvedWeights
     precision: Precision
@@ -92,6 +107,17 @@ class ExtractionResult(BaseModel):
     )
 
 
+class PendingImage(ImageRecord):
+    """An image some of whose rows are missing: which views (0: the image itself) to extract."""
+
+    views: list[int] = Field(default_factory=lambda: [0])
+
+
+def views_of(record: ImageRecord, augment: int) -> range:
+    """The views an image has rows for: itself, plus `augment` views when it is a training image."""
+    return range(augment + 1 if record.split == "train" else 1)
+
+
 EXTRACTION_CODE_VERSION = 1  # bump when decoding or feature computation changes the values of a row
 SHARD_IMAGES = 512  # images per committed shard: the most a killed run can lose
 
@@ -99,9 +125,12 @@ SHARD_IMAGES = 512  # images per committed shard: the most a killed run can lose
 def extraction_key(settings: ExtractionSettings, weights: ResolvedWeights) -> str:
     """Identifies the values of a row: settings, weights identity and code version (never the dataset)."""
     spec = get_backbone(settings.backbone)
+    # The recipe (not the number of views) joins the key only when there are views, so stores without views
+    # keep their keys, and asking for more views of the same recipe reuses the views already made.
+    recipe = [settings.augment_recipe()] if settings.augment else []
     return content_key(spec.name, weights.identity(), settings.resolved_size(), settings.pooling,
                        settings.resolved_precision(), settings.feature_dtype, spec.preprocessing, RESIZE,
-                       EXTRACTION_CODE_VERSION, package_version())
+                       EXTRACTION_CODE_VERSION, package_version(), *recipe)
 
 
 class FeatureExtractor:
@@ -157,8 +186,8 @@ class ExtractionPlan(BaseModel):
     key: str
     feature_dim: int
     parts_dir: str
-    todo: list[ImageRecord] = Field(
-        description="Images whose content has no row yet for these settings (one per content)."
+    todo: list[PendingImage] = Field(
+        description="Images whose content misses a row (itself or a view) for these settings (one per content)."
     )
     previous_store: str | None = Field(
         default=None, description="A store with these settings whose rows can be reused."
@@ -171,9 +200,10 @@ class ExtractionPlan(BaseModel):
         return ExtractionRecord(backbone=spec.name, weights=self.weights, image_size=self.settings.resolved_size(),
                                 pooling=self.settings.pooling, precision=self.settings.resolved_precision(),
                                 preprocessing=spec.preprocessing, resize=RESIZE,
-                                feature_dtype=self.settings.feature_dtype)
+                                feature_dtype=self.settings.feature_dtype, augment=self.settings.augment,
+                                augment_recipe=self.settings.augment_recipe())
 
-    def shards(self, size: int) -> list[list[ImageRecord]]:
+    def shards(self, size: int) -> list[list[PendingImage]]:
         return [self.todo[i:i + size] for i in range(0, len(self.todo), size)]
 
 
@@ -192,16 +222,23 @@ def plan_extraction(manifest: Manifest, store_path: Path, settings: ExtractionSe
     plan = ExtractionPlan(settings=settings, weights=weights, key=key,
                           feature_dim=feature_dim, parts_dir=str(parts_dir),
                           previous_store=previous.path if previous is not None else None, todo=[])
-    if previous is not None and previous.attrs.get("manifest_fingerprint") == manifest.fingerprint():
+    if (previous is not None and previous.attrs.get("manifest_fingerprint") == manifest.fingerprint()
+            and int(previous.attrs.get("augment", 0)) == settings.augment):
         return plan.model_copy(update={"complete": True})
     cache = RowCache(parts_dir, feature_dim)
     if refresh:
         cache.clear()
     cache.load(plan.previous_store)
-    todo: dict[str, ImageRecord] = {}
+    todo: dict[str, PendingImage] = {}
     for record in manifest.records:
-        if record.content_hash not in cache.rows and record.content_hash not in cache.skipped:
-            todo.setdefault(record.content_hash, record)  # identical files are extracted once
+        if record.content_hash in cache.skipped:
+            continue
+        missing = [v for v in views_of(record, settings.augment) if row_key(record.content_hash, v) not in cache.rows]
+        pending = todo.get(record.content_hash)  # identical files are extracted once (views: the union)
+        if pending is not None:
+            pending.views = sorted({*pending.views, *missing})
+        elif missing:
+            todo[record.content_hash] = PendingImage(**record.model_dump(), views=missing)
     return plan.model_copy(update={"todo": list(todo.values())})
 
 
@@ -217,7 +254,7 @@ def _extractor_for(plan: ExtractionPlan) -> FeatureExtractor:
         return _EXTRACTORS[plan.key]
 
 
-def extract_records(records: Sequence[ImageRecord], root: Path, plan: ExtractionPlan, *,
+def extract_records(records: Sequence[PendingImage], root: Path, plan: ExtractionPlan, *,
                     decode_threads: int | None = None, prefetch_batches: int = 2,
                     shard_images: int = SHARD_IMAGES) -> int:
     """Decode and extract `records` into committed shards of `plan.parts_dir`; returns how many were done.
@@ -226,7 +263,7 @@ def extract_records(records: Sequence[ImageRecord], root: Path, plan: Extraction
     """
     cache = RowCache(Path(plan.parts_dir), plan.feature_dim)
     _extract_into_shards(records, Path(root), _extractor_for(plan), cache, decode_threads, prefetch_batches,
-                         shard_images)
+                         shard_images, plan.settings.seed)
     return len(records)
 
 
@@ -235,8 +272,9 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -
     extracted_hashes = {r.content_hash for r in plan.todo}
 
     def result(store: FeatureStore, reasons: dict[str, str], extracted: int, cached: bool) -> ExtractionResult:
+        n_images = sum(1 for r in manifest.records if r.content_hash not in reasons)  # rows of view 0
         return ExtractionResult(
-            store=store, images_extracted=extracted, images_reused=store.n_rows - extracted,
+            store=store, images_extracted=extracted, images_reused=n_images - extracted,
             images_skipped=[SkippedImage(path=r.path, reason=reasons[r.content_hash])
                             for r in manifest.records if r.content_hash in reasons],
             weights=plan.weights, precision=plan.settings.precision, extraction_key=plan.key, cached=cached)
@@ -245,10 +283,13 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -
         previous = open_store(plan.previous_store)
         return result(previous, json.loads(previous.attrs.get("skipped", "{}")), 0, True)
     cache = RowCache(Path(plan.parts_dir), plan.feature_dim).load(plan.previous_store)
-    missing = [r.path for r in plan.todo if r.content_hash not in cache.rows and r.content_hash not in cache.skipped]
+    missing = [r.path for r in plan.todo if r.content_hash not in cache.skipped
+               and any(row_key(r.content_hash, v) not in cache.rows for v in r.views)]
     if missing:
         raise StoreError(f"{len(missing)} images have no committed shard (first: {missing[0]}); rerun to resume")
     kept = [r for r in manifest.records if r.content_hash in cache.rows]
+    # Each image's row, then its views' rows: one (record, view) per row of the store.
+    rows_out = [(r, v) for r in kept for v in views_of(r, plan.settings.augment)]
     skipped = {
         r.content_hash: cache.skipped[r.content_hash] for r in manifest.records if r.content_hash in cache.skipped
     }
@@ -262,10 +303,12 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -
     block = 8 * rows_per_chunk(plan.feature_dim)
     with create_store(store_path, feature_dim=plan.feature_dim, label_names=manifest.class_names, attrs=attrs,
                       dtype=plan.settings.feature_dtype, overwrite=True) as writer:
-        for start, features in zip(range(0, len(kept), block), cache.gather([r.content_hash for r in kept], block)):
-            rows = kept[start:start + block]
-            writer.append(features, np.array([manifest.label_index(r.label) for r in rows], dtype=np.int64),
-                          [r.path for r in rows], [r.split or "" for r in rows], [r.content_hash for r in rows])
+        keys = [row_key(r.content_hash, v) for r, v in rows_out]
+        for start, features in zip(range(0, len(rows_out), block), cache.gather(keys, block)):
+            rows = rows_out[start:start + block]
+            writer.append(features, np.array([manifest.label_index(r.label) for r, _ in rows], dtype=np.int64),
+                          [r.path for r, _ in rows], [r.split or "" for r, _ in rows],
+                          [r.content_hash for r, _ in rows], [v for _, v in rows])
     cache.clear()
     for folder, size in cache.clear_other_settings():
         stage_logger().info("extract: removed %s (%.1f MB of shards a killed run with other settings left)",
@@ -288,9 +331,10 @@ def extract_features(manifest: Manifest, store_path: Path, settings: ExtractionS
     return assemble_store(manifest, store_path, plan)
 
 
-def _extract_into_shards(records: Sequence[ImageRecord], root: Path, extractor: FeatureExtractor, cache: RowCache,
-                         decode_threads: int | None, prefetch_batches: int, shard_images: int) -> None:
-    """Decode (threads, `prefetch_batches` ahead) and extract `records`, committing a shard every `shard_images`."""
+def _extract_into_shards(records: Sequence[PendingImage], root: Path, extractor: FeatureExtractor, cache: RowCache,
+                         decode_threads: int | None, prefetch_batches: int, shard_images: int, seed: int) -> None:
+    """Decode (threads, `prefetch_batches` ahead) and extract `records` (each of its missing views), committing a
+    shard every `shard_images` images."""
     if not records:
         return
     batch_size = extractor.settings.batch_size
@@ -306,9 +350,12 @@ def _extract_into_shards(records: Sequence[ImageRecord], root: Path, extractor: 
         batch = records[start:start + batch_size]
         good = [(record, image) for record, image in zip(batch, decoded) if not isinstance(image, str)]
         shard_skipped.update({r.content_hash: reason for r, reason in zip(batch, decoded) if isinstance(reason, str)})
-        if good:
-            shard_features.append(extractor(np.stack([image for _, image in good])))
-            shard_hashes.extend(record.content_hash for record, _ in good)
+        views = [(row_key(record.content_hash, v), augmented_view(image, record.content_hash, v, seed))
+                 for record, image in good for v in record.views]
+        for first in range(0, len(views), batch_size):  # views multiply a batch: keep the compiled batch shape
+            chunk = views[first:first + batch_size]
+            shard_features.append(extractor(np.stack([image for _, image in chunk])))
+            shard_hashes.extend(key for key, _ in chunk)
         done += len(batch)
         if len(shard_hashes) + len(shard_skipped) >= shard_images or done == len(records):
             if shard_skipped and not root.is_dir():  # not broken images: the whole folder is gone; commit nothing

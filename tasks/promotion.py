@@ -99,7 +99,7 @@ def compare(challenger: VersionEntry, challenger_bundle: ModelBundle, store: Fea
     reason = why_not_comparable(champion_bundle.metadata, challenger_bundle.metadata)
     if reason is None:
         contents = read_contents(store)
-        test = [i for i, s in enumerate(contents.split) if s == "test"]
+        test = [i for i, (s, v) in enumerate(zip(contents.split, contents.view)) if s == "test" and v == 0]
         identities = _identities(contents)
         rows = np.array([i for i in test if identities[i] not in champion_train_rows], dtype=np.int64)
         if len(rows):

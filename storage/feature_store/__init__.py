@@ -78,6 +78,7 @@ class StoreContents(BaseModel, arbitrary_types_allowed=True):
     paths: list[str]
     split: list[str]
     hashes: list[str]
+    view: np.ndarray = Field(description="0: the image itself; 1..K: its augmented views (train rows only).")
     attrs: dict[str, Any]
 
 
@@ -111,8 +112,8 @@ class FeatureWriter:
         self.n_rows = 0
 
     def append(self, features: np.ndarray, labels: np.ndarray, paths: Sequence[str], split: Sequence[str],
-               hashes: Sequence[str] | None = None) -> None:
-        rows = parse_rows(features, labels, paths, split, hashes, self._layout)
+               hashes: Sequence[str] | None = None, views: Sequence[int] | None = None) -> None:
+        rows = parse_rows(features, labels, paths, split, hashes, self._layout, views)
         if rows.n == 0:
             return
         self._arrays.resize(self.n_rows + rows.n)
@@ -173,7 +174,7 @@ def read_contents(store: FeatureStore) -> StoreContents:
 
         return StoreContents(labels=reader.labels(), label_names=reader.strings("label_names"),
                              paths=strings("paths"), split=strings("split"), hashes=strings("hashes"),
-                             attrs=reader.attrs())
+                             view=reader.views(), attrs=reader.attrs())
 
 
 def read_features(store: FeatureStore, rows: np.ndarray) -> np.ndarray:

@@ -47,11 +47,11 @@ def preallocate_zarr_store(path: StorePath, *, n_rows: int, feature_dim: int, la
 
 
 def write_rows(tmp_path: str, start: int, features: np.ndarray, labels: np.ndarray, paths: Sequence[str],
-               split: Sequence[str], hashes: Sequence[str] | None = None) -> None:
+               split: Sequence[str], hashes: Sequence[str] | None = None, views: Sequence[int] | None = None) -> None:
     """Write rows `start`, `start + 1`, ... of a preallocated store. Safe beside other processes writing
     other ranges, as long as every range starts on a row-chunk boundary (checked)."""
     writer = Writer.open(tmp_path)
-    rows = parse_rows(features, labels, paths, split, hashes, writer.layout)
+    rows = parse_rows(features, labels, paths, split, hashes, writer.layout, views)
     if start % writer.chunk_rows:
         raise ValueError(f"Expected start aligned to {writer.chunk_rows}-row chunks, got {start}")
     if start < 0 or start + rows.n > writer.n_rows:

@@ -39,6 +39,7 @@ class Writer:
         create("features", shape=(n_rows, feature_dim), maxshape=(None, feature_dim), dtype=dtype,
                chunks=(chunk, feature_dim))
         create("labels", shape=(n_rows,), maxshape=(None,), dtype="int64", chunks=(4096,))
+        create("view", shape=(n_rows,), maxshape=(None,), dtype="int64", chunks=(4096,))
         for name in STRING_COLUMNS:
             create(name, shape=(n_rows,), maxshape=(None,), dtype=text, chunks=(4096,))
         create("label_names", data=np.array(list(label_names), dtype=object), dtype=text)
@@ -95,6 +96,9 @@ class Reader:
 
     def labels(self) -> np.ndarray:
         return self._file["labels"][:]
+
+    def views(self) -> np.ndarray:
+        return self._file["view"][:] if "view" in self._file else np.zeros(self.shape()[0], np.int64)
 
     def rows(self, increasing: np.ndarray) -> np.ndarray:
         return self._file["features"][increasing]  # h5py reads strictly increasing indices only

@@ -1,8 +1,9 @@
 """What every backend stores, and the inputs they take, parsed once: row batches, feature dtypes, attributes.
 
 Both backends hold the same arrays: `features` (rows x dim, float32 or float16, chunks of
-`rows_per_chunk` rows), `labels` (int64), `label_names`, `paths`, `split`, `hashes` (strings), and the
-same attributes (scalars as they are, anything nested as JSON text).
+`rows_per_chunk` rows), `labels` (int64), `view` (int64: 0 the image itself, 1..K its augmented views),
+`label_names`, `paths`, `split`, `hashes` (strings), and the same attributes (scalars as they are, anything
+nested as JSON text). A store written before `view` existed reads as all view 0.
 
 Every array names its dimensions (`DIMENSIONS`: zarr `dimension_names`, HDF5 dimension scales), so
 xarray, dask and netCDF readers see `image`, `feature` and `class` rather than anonymous axes. Stores
@@ -25,10 +26,10 @@ TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB row chunks: h5py's advice for chunk size,
 FeatureDtype = Literal["float32", "float16"]  # float16 halves the bytes; reads come back as float32 either way
 FEATURE_DTYPES = get_args(FeatureDtype)
 STRING_COLUMNS = ("paths", "split", "hashes")
-ROW_COLUMNS = ("features", "labels", *STRING_COLUMNS)  # one entry per row, all grown and written together
+ROW_COLUMNS = ("features", "labels", "view", *STRING_COLUMNS)  # one entry per row, all grown and written together
 # The dimensions of each array, as xarray will name them; a column added per row is on ("image",).
 DIMENSIONS: dict[str, tuple[str, ...]] = {
-    "features": ("image", "feature"), **{name: ("image",) for name in ("labels", *STRING_COLUMNS)},
+    "features": ("image", "feature"), **{name: ("image",) for name in ("labels", "view", *STRING_COLUMNS)},
     "label_names": ("class",),
 }
 UNWRITTEN_LABEL = -1  # fill value of zarr `labels`: a preallocated row nobody wrote is visible as such
@@ -66,6 +67,7 @@ class Rows:
     paths: list[str]
     split: list[str]
     hashes: list[str]
+    view: np.ndarray
 
     @property
     def n(self) -> int:
@@ -76,16 +78,19 @@ class Rows:
 
 
 def parse_rows(features: np.ndarray, labels: np.ndarray, paths: Sequence[str], split: Sequence[str],
-               hashes: Sequence[str] | None, layout: Layout) -> Rows:
+               hashes: Sequence[str] | None, layout: Layout, views: Sequence[int] | None = None) -> Rows:
     """Check a batch; features come back in the store's dtype, rounded by numpy (round to nearest even):
     HDF5's own float32 -> float16 conversion was seen to turn -0.9999962 into -0.5 in a chunked write."""
     features = np.asarray(features)
     labels = np.asarray(labels)
     n = len(features)
     hashes = [""] * n if hashes is None else hashes
-    if not (n == len(labels) == len(paths) == len(split) == len(hashes)):
+    views = np.zeros(n, np.int64) if views is None else np.asarray(views)
+    if not (n == len(labels) == len(paths) == len(split) == len(hashes) == len(views)):
         raise StoreError(f"Expected equal row counts, got {n} features, {len(labels)} labels, "
-                         f"{len(paths)} paths, {len(split)} split values, {len(hashes)} hashes")
+                         f"{len(paths)} paths, {len(split)} split values, {len(hashes)} hashes, {len(views)} views")
+    if n and (views.dtype.kind not in "iu" or views.min() < 0):
+        raise StoreError(f"Expected view indices >= 0 (0: the image itself), got {views.dtype} {views.min()}")
     if features.ndim != 2 or features.shape[1] != layout.feature_dim:
         raise StoreError(f"Expected features of shape (rows, {layout.feature_dim}), got {features.shape}")
     if n and labels.dtype.kind not in "iu":
@@ -93,7 +98,7 @@ def parse_rows(features: np.ndarray, labels: np.ndarray, paths: Sequence[str], s
     if n and (labels.min() < 0 or labels.max() >= layout.n_labels):
         raise StoreError(f"Expected labels in 0..{layout.n_labels - 1}, got {labels.min()}..{labels.max()}")
     return Rows(features.astype(layout.dtype, copy=False), labels.astype(np.int64), [str(p) for p in paths],
-                [str(s) for s in split], [str(h) for h in hashes])
+                [str(s) for s in split], [str(h) for h in hashes], views.astype(np.int64))
 
 
 def disk_attrs(attrs: dict[str, Any], n_rows: int) -> dict[str, Any]:

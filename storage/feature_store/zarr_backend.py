@@ -44,6 +44,8 @@ class Writer:
                            fill_value=0, dimension_names=DIMENSIONS["features"])
         group.create_array("labels", shape=(n_rows,), dtype="int64", chunks=(chunk,), fill_value=UNWRITTEN_LABEL,
                            dimension_names=DIMENSIONS["labels"])
+        group.create_array("view", shape=(n_rows,), dtype="int64", chunks=(chunk,), fill_value=0,
+                           dimension_names=DIMENSIONS["view"])
         for name in STRING_COLUMNS:
             group.create_array(name, shape=(n_rows,), dtype=str, chunks=(chunk,), fill_value="",
                                dimension_names=DIMENSIONS[name])
@@ -120,6 +122,9 @@ class Reader:
 
     def labels(self) -> np.ndarray:
         return self._group["labels"][:]
+
+    def views(self) -> np.ndarray:
+        return self._group["view"][:] if "view" in self._group else np.zeros(self.shape()[0], np.int64)
 
     def rows(self, increasing: np.ndarray) -> np.ndarray:
         return self._group["features"].oindex[increasing]

@@ -117,3 +117,17 @@ def test_dataset_with_one_class_is_a_clear_error(prefect_api, tmp_path):
     with pytest.raises(DatasetError, match="class"):
         transfer_learning(PipelineSettings(dataset=str(tmp_path / "data"), output=str(tmp_path / "out"), **FAST))
     assert not (tmp_path / "out" / "features.h5").exists()
+
+
+def test_augmented_run_trains_on_every_view_and_evaluates_on_test_images_only(prefect_api, colour_dataset, tmp_path):
+    settings = PipelineSettings(dataset=str(colour_dataset), output=str(tmp_path / "out"), augment=3, **FAST)
+    cold = transfer_learning(settings)
+    contents = read_contents(open_store(tmp_path / "out" / "features.h5"))
+    train = [s == "train" for s in contents.split]
+    n_test_images = contents.split.count("test")
+    assert set(contents.view[train].tolist()) == {0, 1, 2, 3} and n_test_images > 0
+    metrics = json.loads((tmp_path / "out" / "report" / "metrics.json").read_text())
+    assert metrics["n_test"] == n_test_images and metrics["n_train"] == sum(train) == 4 * (24 - n_test_images)
+    warm = transfer_learning(settings)
+    assert warm.cached.model_dump() == {"extract": True, "train": True, "report": True}
+    assert (cold.images_extracted, warm.images_extracted, warm.accuracy) == (24, 0, cold.accuracy)
