@@ -198,9 +198,10 @@ def test_attrs_are_identical_across_backends(tmp_path):
     assert drop_created(h5.attrs) == drop_created(zr.attrs)
     assert {k: type(v) for k, v in h5.attrs.items()} == {k: type(v) for k, v in zr.attrs.items()}
     assert h5.fingerprint() == zr.fingerprint()
-    assert read_contents(h5).model_dump(exclude={"labels", "attrs"}) == read_contents(zr).model_dump(
-        exclude={"labels", "attrs"}
+    assert read_contents(h5).model_dump(exclude={"labels", "view", "attrs"}) == read_contents(zr).model_dump(
+        exclude={"labels", "view", "attrs"}
     )
+    np.testing.assert_array_equal(read_contents(h5).view, read_contents(zr).view)
 
 
 XARRAY_OPEN = {"zarr": xr.open_zarr, "hdf5": lambda path: xr.open_dataset(path, engine="h5netcdf")}
@@ -392,3 +393,19 @@ def test_classic_recipe_training_step_reads_our_store(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "cat" in done.stdout and "dog" in done.stdout
     assert float(done.stdout.strip().splitlines()[-1].split(":")[1]) == 1.0
+
+
+@pytest.mark.parametrize("suffix", ["h5", "zarr"])
+def test_view_column_round_trips_and_a_store_without_one_reads_as_view_0(tmp_path, suffix):
+    path = tmp_path / f"v.{suffix}"
+    features, labels, paths, split, hashes = make_rows(4, 3)
+    with create_store(path, feature_dim=3, label_names=["cat", "dog"], attrs=ATTRS) as writer:
+        writer.append(features, labels, paths, split, hashes, views=[0, 1, 2, 0])
+    np.testing.assert_array_equal(read_contents(open_store(path)).view, [0, 1, 2, 0])
+    with pytest.raises(StoreError, match="view"):
+        with create_store(tmp_path / f"w.{suffix}", feature_dim=3, label_names=["cat"], attrs=ATTRS) as writer:
+            writer.append(features[:1], labels[:1] * 0, paths[:1], split[:1], hashes[:1], views=[-1])
+    if suffix == "h5":  # written before the view column existed
+        with h5py.File(path, "a") as file:
+            del file["view"]
+        np.testing.assert_array_equal(read_contents(open_store(path)).view, [0, 0, 0, 0])
