@@ -38,7 +38,7 @@ class PipelineSettings(ExtractionSettings):
         lt=1,
         description="Fraction of each class held out for evaluation (ignored with train/ and test/ folders).",
     )
-    seed: int = Field(default=42, description="Seed of the shuffle, the split and cross-validation.")
+    seed: int = Field(default=42, description="Seed of the shuffle, the split, cross-validation and augmented views.")
     overwrite: bool = Field(
         default=False, description="Replace outputs in the folder that are not an earlier run on this dataset."
     )
