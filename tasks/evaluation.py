@@ -80,7 +80,8 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
     misclassified = [Misclassified(path=contents.paths[rows[i]], true=names[truth[i]], predicted=names[predicted[i]],
                                    confidence=float(probabilities[i, predicted[i]])) for i in wrong[:GALLERY_IMAGES]]
-    train_rows = np.flatnonzero(np.isin(np.asarray(contents.split), ["train", "val"]))
+    # The baselines see the images themselves: augmented views would only repeat their paths.
+    train_rows = np.flatnonzero(np.isin(np.asarray(contents.split), ["train", "val"]) & (contents.view == 0))
     params = bundle.metadata.head_params
     compared = baselines(Path(store.attrs.get("dataset_root", "")), [contents.paths[i] for i in train_rows],
                          contents.labels[train_rows], [contents.paths[i] for i in rows], truth,
