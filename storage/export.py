@@ -1,7 +1,8 @@
 """A feature store exported in the formats embedding tools share: parquet, or `.npy` shards with parquet metadata.
 
 - `parquet`: `part_00000.parquet`, ... with one row per image: `path`, `label` (class name), `label_index`,
-  `split`, `hash` (and `view` where the store has one), and `features` as a fixed-size list of float32.
+  `split`, `hash`, `view` (0: the image itself, 1..K its augmented views), and `features` as a fixed-size list of
+  float32.
 - `npy`: `embeddings/emb_00000.npy` (rows x dim, float32) beside `metadata/metadata_00000.parquet` (the
   same columns but `features`): clip-retrieval's layout, which embedding-reader reads.
 
@@ -27,13 +28,10 @@ from transfer_flow.storage.feature_store import (
     open_store,
     read_contents,
     read_features,
-    reading,
 )
 
 ExportFormat = Literal["parquet", "npy"]
 SCHEMA_KEY = b"transfer_flow"
-# Optional per-row columns a store may hold beyond the classic ones, exported when present.
-OPTIONAL_COLUMNS = ("view",)
 
 
 class ExportResult(BaseModel):
@@ -77,7 +75,7 @@ def export_store(store: FeatureStore, target: Path, export_format: ExportFormat,
                 "store": store.path, "attrs": contents.attrs}
     columns = {"path": contents.paths, "label": [contents.label_names[i] for i in contents.labels],
                "label_index": contents.labels, "split": contents.split, "hash": contents.hashes,
-               **_optional_columns(store)}
+               "view": contents.view}
     starts = range(0, store.n_rows, shard_rows) if store.n_rows else [0]
     with atomic_path(target, overwrite=overwrite, is_dir=True) as work:
         for shard, start in enumerate(starts):
@@ -94,11 +92,6 @@ def export_store(store: FeatureStore, target: Path, export_format: ExportFormat,
                 np.save(work / "embeddings" / f"emb_{shard:05d}.npy", features)
                 _write_parquet(pq, table, metadata, work / "metadata" / f"metadata_{shard:05d}.parquet")
     return ExportResult(path=str(target), format=export_format, rows=store.n_rows, shards=len(starts))
-
-
-def _optional_columns(store: FeatureStore) -> dict[str, list[str]]:
-    with reading(store.path) as reader:
-        return {name: reader.strings(name) for name in OPTIONAL_COLUMNS if reader.has(name)}
 
 
 def _write_parquet(pq, table, metadata: dict, path: Path) -> None:

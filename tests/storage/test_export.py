@@ -11,6 +11,8 @@ from transfer_flow.storage.errors import OutputExistsError, StoreError
 from transfer_flow.storage.export import export_store, find_store
 from transfer_flow.storage.feature_store import STORE_FORMATS, create_store, open_store
 
+VIEWS = [0, 1, 2, 0, 0, 0, 0]  # rows 1 and 2: augmented views (--augment)
+
 
 def write_store(path, n=7, dim=4):
     rng = np.random.default_rng(3)
@@ -20,7 +22,7 @@ def write_store(path, n=7, dim=4):
     split = ["train" if i < n - 2 else "test" for i in range(n)]
     hashes = [f"h{i}" for i in range(n)]
     with create_store(path, feature_dim=dim, label_names=["ant", "bee", "cat"], attrs={"backbone": "vgg16"}) as w:
-        w.append(features, labels, paths, split, hashes)
+        w.append(features, labels, paths, split, hashes, views=VIEWS[:n])
     return features, labels, paths, split, hashes
 
 
@@ -38,7 +40,7 @@ def test_parquet_round_trips_rows_labels_and_paths(store, tmp_path):
     frame = pd.read_parquet(tmp_path / "out")  # the folder of shards, as pandas reads a dataset
     assert frame["path"].tolist() == paths and frame["split"].tolist() == split and frame["hash"].tolist() == hashes
     assert frame["label"].tolist() == [["ant", "bee", "cat"][i] for i in labels]
-    assert frame["label_index"].tolist() == labels.tolist()
+    assert frame["label_index"].tolist() == labels.tolist() and frame["view"].tolist() == VIEWS
     np.testing.assert_array_equal(np.stack(frame["features"].to_numpy()), features)
     schema = pq.read_schema(tmp_path / "out" / "part_00000.parquet")
     column = schema.field("features").type
