@@ -26,7 +26,7 @@ test: lint
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
 
-# Every kill -9 point of the fault-injection suite on both stores (`make test` runs one per stage).
+# Every kill -9 point of the fault-injection suite on both stores (`make test` runs three).
 test-faults: install
 	TRANSFER_FLOW_ALL_FAULTS=1 $(BIN)/python -m pytest tests/flows/test_fault_injection.py
 
