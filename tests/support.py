@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import os
 import pickle
+import signal
+import subprocess
 import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
@@ -129,3 +132,14 @@ def write_torch_checkpoint(path: Path, tensors: dict, storages: dict[str, bytes]
         for key, data in storages.items():
             archive.writestr(f"archive/data/{key}", data)
     return path
+
+
+def stop_with_ctrl_c(process: subprocess.Popen) -> None:
+    """Stop a command as a user would (SIGINT); kill its whole session if it has not ended within 30 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -2,7 +2,6 @@
 import argparse
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import stop_with_ctrl_c
 from transfer_flow.deployments.commands import add_deployment_commands
 from transfer_flow.flows.prefect_api import is_loopback, running_local_server
 from transfer_flow.storage.errors import SettingsError
@@ -163,13 +163,7 @@ def real_server(tmp_path):
         assert "export PREFECT_API_URL=" in printed, printed[-3000:]
         yield port, printed, tmp_path
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_with_ctrl_c(process)
         process.stdout.close()
     assert process.returncode == 0
     with socket.socket() as probe:  # the `prefect server start` child went with it

@@ -11,9 +11,7 @@ two cores); the cron is `* * * * *`, so the first scheduled run starts at the ne
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import time
 import warnings
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.deployments.test_commands import COMMANDS, REPO, SERVER_START_SECONDS, client_env, free_port
-from tests.support import FAST, write_colour_images
+from tests.support import FAST, stop_with_ctrl_c, write_colour_images
 from transfer_flow.tasks.inbox import MARKER
 
 pytestmark = pytest.mark.slow
@@ -35,16 +33,6 @@ FAST_OPTIONS = ["--backbone", FAST["backbone"], "--weights", FAST["weights"], "-
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| ")
 ERROR_LINE = re.compile(r"\|\s*(ERROR|CRITICAL)\s*\|")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +53,7 @@ def server(tmp_path_factory):
         assert process.poll() is None, log_path.read_text()[-3000:]
         yield f"http://127.0.0.1:{port}/api", log_path, root
     finally:
-        _stop(process)
+        stop_with_ctrl_c(process)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +73,7 @@ def served(server, colour_dataset):
     try:
         yield api, inbox, root / "home", log_path, process
     finally:
-        _stop(process)
+        stop_with_ctrl_c(process)
 
 
 def _runs_of(api: str, deployment: str):
