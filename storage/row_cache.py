@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from transfer_flow.storage.atomic import atomic_path
-from transfer_flow.storage.feature_store import FeatureStore, open_store, read_contents, read_features
+from transfer_flow.storage.feature_store import FeatureStore, open_store, read_contents, read_features, read_skipped
 
 SHARD_PATTERN = "shard-*.h5"
 
@@ -49,7 +49,7 @@ class RowCache:
                 for row, (digest, view) in enumerate(zip(contents.hashes, contents.view.tolist())):
                     if digest:
                         self.rows.setdefault(row_key(digest, view), (previous_store, row))
-                self.skipped.update(json.loads(store.attrs.get("skipped", "{}")))
+                self.skipped.update(read_skipped(store).reasons_by_hash())
                 self._stores[previous_store] = store
         for shard in self.shards():
             with h5py.File(shard, "r") as file:

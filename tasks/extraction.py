@@ -5,7 +5,6 @@ row (its `view` column 1..K, same path, hash, label and split): cached per (cont
 """
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from collections.abc import Sequence
@@ -21,8 +20,10 @@ from transfer_flow.storage.extraction_record import ExtractionRecord, record_att
 from transfer_flow.storage.feature_store import (
     FeatureDtype,
     FeatureStore,
+    SkippedImages,
     create_store,
     open_store,
+    read_skipped,
     rows_per_chunk,
     store_exists,
 )
@@ -281,7 +282,7 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -
 
     if plan.complete:
         previous = open_store(plan.previous_store)
-        return result(previous, json.loads(previous.attrs.get("skipped", "{}")), 0, True)
+        return result(previous, read_skipped(previous).reasons_by_hash(), 0, True)
     cache = RowCache(Path(plan.parts_dir), plan.feature_dim).load(plan.previous_store)
     missing = [r.path for r in plan.todo if r.content_hash not in cache.skipped
                and any(row_key(r.content_hash, v) not in cache.rows for v in r.views)]
@@ -290,15 +291,13 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -
     kept = [r for r in manifest.records if r.content_hash in cache.rows]
     # Each image's row, then its views' rows: one (record, view) per row of the store.
     rows_out = [(r, v) for r in kept for v in views_of(r, plan.settings.augment)]
-    skipped = {
-        r.content_hash: cache.skipped[r.content_hash] for r in manifest.records if r.content_hash in cache.skipped
-    }
+    skipped_records = [r for r in manifest.records if r.content_hash in cache.skipped]
+    skipped = {r.content_hash: cache.skipped[r.content_hash] for r in skipped_records}
     attrs = {
         **record_attrs(plan.record()),
         "dataset_root": manifest.root,
         "manifest_fingerprint": manifest.fingerprint(),
         "extraction_key": plan.key,
-        "skipped": json.dumps(skipped),
     }
     block = 8 * rows_per_chunk(plan.feature_dim)
     with create_store(store_path, feature_dim=plan.feature_dim, label_names=manifest.class_names, attrs=attrs,
@@ -309,6 +308,9 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -
             writer.append(features, np.array([manifest.label_index(r.label) for r, _ in rows], dtype=np.int64),
                           [r.path for r, _ in rows], [r.split or "" for r, _ in rows],
                           [r.content_hash for r, _ in rows], [v for _, v in rows])
+        writer.record_skipped(SkippedImages([r.path for r in skipped_records],
+                                            [r.content_hash for r in skipped_records],
+                                            [skipped[r.content_hash] for r in skipped_records]))
     cache.clear()
     for folder, size in cache.clear_other_settings():
         stage_logger().info("extract: removed %s (%.1f MB of shards a killed run with other settings left)",

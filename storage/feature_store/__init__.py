@@ -13,6 +13,7 @@ store use concurrent_zarr.py.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -31,7 +32,9 @@ from transfer_flow.storage.feature_store.formats import (
 from transfer_flow.storage.feature_store.places import StorePath, place_of, refuse_existing
 from transfer_flow.storage.feature_store.rows import (
     FEATURE_DTYPES,
+    SKIPPED_COLUMNS,
     FeatureDtype,
+    SkippedImages,
     disk_attrs,
     parse_feature_dtype,
     parse_rows,
@@ -40,7 +43,8 @@ from transfer_flow.storage.feature_store.rows import (
 
 __all__ = [
     "FEATURE_DTYPES", "FeatureDtype", "STORE_FORMATS", "FeatureStore", "FeatureWriter", "StoreContents", "StoreFormat",
-    "StoreFormatName", "StorePath", "create_store", "open_store", "read_contents", "read_features",
+    "SkippedImages", "StoreFormatName", "StorePath", "create_store", "open_store", "read_contents", "read_features",
+    "read_skipped",
     "reading", "rows_per_chunk", "store_exists", "store_format_of",
 ]
 
@@ -120,6 +124,10 @@ class FeatureWriter:
         self._arrays.write(self.n_rows, rows)
         self.n_rows += rows.n
 
+    def record_skipped(self, skipped: SkippedImages) -> None:
+        """The images that are not rows, with why (written once, replacing any recorded before)."""
+        self._arrays.write_skipped(skipped)
+
 
 @contextlib.contextmanager
 def create_store(path: StorePath, *, feature_dim: int, label_names: Sequence[str], attrs: dict[str, Any],
@@ -175,6 +183,16 @@ def read_contents(store: FeatureStore) -> StoreContents:
         return StoreContents(labels=reader.labels(), label_names=reader.strings("label_names"),
                              paths=strings("paths"), split=strings("split"), hashes=strings("hashes"),
                              view=reader.views(), attrs=reader.attrs())
+
+
+def read_skipped(store: FeatureStore) -> SkippedImages:
+    """The images that are not rows of the store, with why. A store written before the skipped arrays
+    existed kept them as JSON (hash -> reason) in its `skipped` attribute; their paths read as ""."""
+    with reading(store.path) as reader:
+        if reader.has(SKIPPED_COLUMNS[0]):
+            return SkippedImages(*(reader.strings(name) for name in SKIPPED_COLUMNS))
+    reasons = json.loads(store.attrs.get("skipped") or "{}")
+    return SkippedImages([""] * len(reasons), list(reasons), list(reasons.values()))
 
 
 def read_features(store: FeatureStore, rows: np.ndarray) -> np.ndarray:

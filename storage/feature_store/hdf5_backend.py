@@ -16,9 +16,11 @@ import numpy as np
 from transfer_flow.storage.feature_store.rows import (
     DIMENSIONS,
     ROW_COLUMNS,
+    SKIPPED_COLUMNS,
     STRING_COLUMNS,
     Layout,
     Rows,
+    SkippedImages,
     plain,
     rows_per_chunk,
 )
@@ -43,13 +45,15 @@ class Writer:
         for name in STRING_COLUMNS:
             create(name, shape=(n_rows,), maxshape=(None,), dtype=text, chunks=(4096,))
         create("label_names", data=np.array(list(label_names), dtype=object), dtype=text)
-        self._name_dimensions({"image": n_rows, "feature": feature_dim, "class": len(label_names)})
+        for name in SKIPPED_COLUMNS:
+            create(name, shape=(0,), maxshape=(None,), dtype=text, chunks=(1024,))
+        self._name_dimensions({"image": n_rows, "feature": feature_dim, "class": len(label_names), "skipped": 0})
 
     def _name_dimensions(self, sizes: dict[str, int]) -> None:
         """One scale per dimension, attached to every array axis it names. Never written, so chunked
-        storage allocates nothing for them; `image` grows with the rows (unlimited, like `features`)."""
+        storage allocates nothing for them; `image` and `skipped` grow (unlimited, like their arrays)."""
         for name, size in sizes.items():
-            growing = name == "image"
+            growing = name in ("image", "skipped")
             scale = self._file.create_dataset(name, shape=(size,), maxshape=(None,) if growing else (size,),
                                               dtype="f4", chunks=(4096,) if growing else None)
             scale.make_scale(NOT_A_VARIABLE + f"{size:10d}".encode())
@@ -64,6 +68,12 @@ class Writer:
     def write(self, start: int, rows: Rows) -> None:
         for name, values in rows.columns().items():
             self._file[name][start:start + rows.n] = values
+
+    def write_skipped(self, skipped: SkippedImages) -> None:
+        for name, values in (*skipped.columns().items(), ("skipped", None)):
+            self._file[name].resize(len(skipped.paths), axis=0)
+            if values is not None:
+                self._file[name][:] = values
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         self._file.attrs.update(attrs)

@@ -2,8 +2,10 @@
 
 Both backends hold the same arrays: `features` (rows x dim, float32 or float16, chunks of
 `rows_per_chunk` rows), `labels` (int64), `view` (int64: 0 the image itself, 1..K its augmented views),
-`label_names`, `paths`, `split`, `hashes` (strings), and the same attributes (scalars as they are, anything
-nested as JSON text). A store written before `view` existed reads as all view 0.
+`label_names`, `paths`, `split`, `hashes` (strings), the images that could not be rows (`skipped_paths`,
+`skipped_hashes`, `skipped_reasons`, one entry per skipped image), and the same attributes (scalars as they
+are, anything nested as JSON text). A store written before `view` existed reads as all view 0; one written
+before the skipped arrays keeps its skipped images as JSON in the `skipped` attribute (hash -> reason).
 
 Every array names its dimensions (`DIMENSIONS`: zarr `dimension_names`, HDF5 dimension scales), so
 xarray, dask and netCDF readers see `image`, `feature` and `class` rather than anonymous axes. Stores
@@ -27,10 +29,11 @@ FeatureDtype = Literal["float32", "float16"]  # float16 halves the bytes; reads 
 FEATURE_DTYPES = get_args(FeatureDtype)
 STRING_COLUMNS = ("paths", "split", "hashes")
 ROW_COLUMNS = ("features", "labels", "view", *STRING_COLUMNS)  # one entry per row, all grown and written together
+SKIPPED_COLUMNS = ("skipped_paths", "skipped_hashes", "skipped_reasons")  # one entry per image that is not a row
 # The dimensions of each array, as xarray will name them; a column added per row is on ("image",).
 DIMENSIONS: dict[str, tuple[str, ...]] = {
     "features": ("image", "feature"), **{name: ("image",) for name in ("labels", "view", *STRING_COLUMNS)},
-    "label_names": ("class",),
+    "label_names": ("class",), **{name: ("skipped",) for name in SKIPPED_COLUMNS},
 }
 UNWRITTEN_LABEL = -1  # fill value of zarr `labels`: a preallocated row nobody wrote is visible as such
 
@@ -56,6 +59,26 @@ class Layout:
     feature_dim: int
     dtype: np.dtype
     n_labels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedImages:
+    """The images of a store that are not rows, each with why: aligned lists."""
+
+    paths: list[str]
+    hashes: list[str]
+    reasons: list[str]
+
+    def __post_init__(self) -> None:
+        if not len(self.paths) == len(self.hashes) == len(self.reasons):
+            raise StoreError(f"Expected as many skipped paths, hashes and reasons, got {len(self.paths)}, "
+                             f"{len(self.hashes)}, {len(self.reasons)}")
+
+    def columns(self) -> dict[str, list[str]]:
+        return dict(zip(SKIPPED_COLUMNS, (self.paths, self.hashes, self.reasons)))
+
+    def reasons_by_hash(self) -> dict[str, str]:
+        return dict(zip(self.hashes, self.reasons))
 
 
 @dataclasses.dataclass(frozen=True)

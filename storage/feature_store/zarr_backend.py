@@ -18,10 +18,12 @@ import numpy as np
 from transfer_flow.storage.feature_store.rows import (
     DIMENSIONS,
     ROW_COLUMNS,
+    SKIPPED_COLUMNS,
     STRING_COLUMNS,
     UNWRITTEN_LABEL,
     Layout,
     Rows,
+    SkippedImages,
     rows_per_chunk,
 )
 
@@ -53,6 +55,9 @@ class Writer:
                                    chunks=(max(1, len(label_names)),), fill_value="",
                                    dimension_names=DIMENSIONS["label_names"])
         names[:] = list(label_names)
+        for name in SKIPPED_COLUMNS:
+            group.create_array(name, shape=(0,), dtype=str, chunks=(1024,), fill_value="",
+                               dimension_names=DIMENSIONS[name])
         return cls(group)
 
     @classmethod
@@ -81,6 +86,11 @@ class Writer:
     def write(self, start: int, rows: Rows) -> None:
         for name, values in rows.columns().items():
             self._arrays[name][start:start + rows.n] = values
+
+    def write_skipped(self, skipped: SkippedImages) -> None:
+        for name, values in skipped.columns().items():
+            self._group[name].resize((len(values),))
+            self._group[name][:] = np.array(values, dtype=str)
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         import zarr

@@ -1,4 +1,5 @@
 """One contract both feature-store backends pass (HDF5 file, zarr directory), then what only zarr promises."""
+import json
 import multiprocessing
 import subprocess
 import sys
@@ -17,10 +18,12 @@ import zarr
 from transfer_flow.storage.errors import OutputExistsError, StoreError
 from transfer_flow.storage.feature_store import (
     STORE_FORMATS,
+    SkippedImages,
     create_store,
     open_store,
     read_contents,
     read_features,
+    read_skipped,
     rows_per_chunk,
     store_format_of,
 )
@@ -213,7 +216,7 @@ def test_xarray_opens_a_store_with_named_dimensions(tmp_path, backend):
     path = tmp_path / STORE_FORMATS[backend].file_name
     features, labels, paths, split, hashes = write_store(path, n=7, dim=5)
     with XARRAY_OPEN[backend](path) as dataset:
-        assert dict(dataset.sizes) == {"image": 7, "feature": 5, "class": 2}
+        assert dict(dataset.sizes) == {"image": 7, "feature": 5, "class": 2, "skipped": 0}
         assert dataset["features"].dims == ("image", "feature")
         assert {name: dataset[name].dims for name in ("labels", "paths", "split", "hashes", "label_names")} == {
             "labels": ("image",), "paths": ("image",), "split": ("image",), "hashes": ("image",),
@@ -226,6 +229,32 @@ def test_xarray_opens_a_store_with_named_dimensions(tmp_path, backend):
         # What a user does next: the class name of each image, by dimension name.
         named = dataset["label_names"].isel({"class": dataset["labels"]})
         assert named.dims == ("image",) and named.values.tolist() == ["cat", "dog"] * 3 + ["cat"]
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("backend", list(STORE_FORMATS))
+def test_skipped_images_are_arrays_a_table_reader_sees(tmp_path, backend):
+    path = tmp_path / STORE_FORMATS[backend].file_name
+    skipped = SkippedImages(["red/empty.jpg", "blue/é.png"], ["h1", "h2"], ["empty file", "not an image: PNG"])
+    features, labels, paths, split, hashes = make_rows(4, 3)
+    with create_store(path, feature_dim=3, label_names=["cat", "dog"], attrs=ATTRS) as writer:
+        writer.append(features, labels, paths, split, hashes)
+        writer.record_skipped(skipped)
+    assert read_skipped(open_store(path)) == skipped
+    with XARRAY_OPEN[backend](path) as dataset:
+        table = dataset[["skipped_paths", "skipped_reasons"]].to_dataframe()
+        assert table["skipped_paths"].tolist() == skipped.paths
+        assert table["skipped_reasons"].tolist() == skipped.reasons
+        assert dataset.sizes["image"] == 4
+
+
+def test_skipped_images_of_a_store_written_before_the_arrays_read_from_its_attribute(tmp_path):
+    with h5py.File(tmp_path / "old.h5", "w") as file:
+        file["features"] = np.ones((1, 2), dtype=np.float32)
+        file["labels"] = np.array([0])
+        file["label_names"] = np.array(["cat"], dtype=object)
+        file.attrs["skipped"] = json.dumps({"h9": "truncated JPEG"})
+    assert read_skipped(open_store(tmp_path / "old.h5")) == SkippedImages([""], ["h9"], ["truncated JPEG"])
 
 
 @pytest.mark.filterwarnings("error")

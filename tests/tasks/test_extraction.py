@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.support import write_colour_images
 from transfer_flow.storage.errors import OutputExistsError
-from transfer_flow.storage.feature_store import read_contents, read_features
+from transfer_flow.storage.feature_store import read_contents, read_features, read_skipped
 from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
 from transfer_flow.tasks.hashing import hash_manifest
 from transfer_flow.tasks.listing import list_dataset
@@ -51,6 +51,11 @@ def test_broken_images_are_skipped_with_reasons_and_every_other_image_is_a_row(t
     assert set(skipped) == {"red/empty.jpg", "green/truncated.jpg", "blue/not_really.png"}
     assert "empty" in skipped["red/empty.jpg"]
     assert result.images_extracted + len(skipped) == len(messy_manifest.records)
+    # The store lists them as arrays (path, hash, reason), as a table reader sees them.
+    recorded = read_skipped(result.store)
+    assert dict(zip(recorded.paths, recorded.reasons)) == skipped and "skipped" not in result.store.attrs
+    assert recorded.hashes == [next(r.content_hash for r in messy_manifest.records if r.path == p)
+                               for p in recorded.paths]
     contents = read_contents(result.store)
     listed = {r.path: r for r in messy_manifest.records}
     assert set(contents.paths) == set(listed) - set(skipped)
