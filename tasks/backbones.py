@@ -7,6 +7,7 @@ run.json and the report:
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -232,29 +233,57 @@ RANDOM_INIT_SEED = 0  # random init is seeded, so `--weights none` rows are repr
 _POLICY_LOCK = threading.Lock()  # Keras' dtype policy is process-global while a model is built
 
 
-def build_feature_model(spec: BackboneSpec, *, image_size: int, pooling: Pooling, precision: Precision,
-                        weights: ResolvedWeights) -> object:
-    """The backbone without its classifier, pooled as asked, returning float32 features."""
+@contextlib.contextmanager
+def _compute_policy(precision: Precision):
+    """Keras' dtype policy for `precision` while a model is built (then the previous one again)."""
     import keras
 
-    if image_size < spec.min_size:
-        raise SettingsError(f"Expected --image-size of at least {spec.min_size} for {spec.name}, got {image_size}")
     policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[precision]
     with _POLICY_LOCK:
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(policy)
         try:
-            base = _build_base(spec, (image_size, image_size, 3), weights)
-            pooled = {
-                "flatten": keras.layers.Flatten(name="flatten_features"),
-                "avg": keras.layers.GlobalAveragePooling2D(name="avg_pool_features"),
-                "max": keras.layers.GlobalMaxPooling2D(name="max_pool_features"),
-            }[pooling](base.output)
-            # Features leave the model as float32 whatever the compute precision.
-            features = keras.layers.Activation("linear", dtype="float32", name="features")(pooled)
-            return keras.Model(base.input, features, name=f"{spec.name}_{pooling}")
+            yield
         finally:
             keras.config.set_dtype_policy(previous)
+
+
+def _checked_base(spec: BackboneSpec, image_size: int, weights: ResolvedWeights) -> object:
+    if image_size < spec.min_size:
+        raise SettingsError(f"Expected --image-size of at least {spec.min_size} for {spec.name}, got {image_size}")
+    return _build_base(spec, (image_size, image_size, 3), weights)
+
+
+def build_feature_model(spec: BackboneSpec, *, image_size: int, pooling: Pooling, precision: Precision,
+                        weights: ResolvedWeights) -> object:
+    """The backbone without its classifier, pooled as asked, returning float32 features."""
+    import keras
+
+    with _compute_policy(precision):
+        base = _checked_base(spec, image_size, weights)
+        pooled = {
+            "flatten": keras.layers.Flatten(name="flatten_features"),
+            "avg": keras.layers.GlobalAveragePooling2D(name="avg_pool_features"),
+            "max": keras.layers.GlobalMaxPooling2D(name="max_pool_features"),
+        }[pooling](base.output)
+        # Features leave the model as float32 whatever the compute precision.
+        features = keras.layers.Activation("linear", dtype="float32", name="features")(pooled)
+        return keras.Model(base.input, features, name=f"{spec.name}_{pooling}")
+
+
+FEATURE_MAP_LAYER = "feature_map"  # the float32 last feature map in build_feature_map_model's model
+
+
+def build_feature_map_model(spec: BackboneSpec, *, image_size: int, precision: Precision,
+                            weights: ResolvedWeights) -> object:
+    """The same backbone as build_feature_model, stopped before pooling: (height, width, channels) float32 maps
+    (layer FEATURE_MAP_LAYER), from which any pooling gives the features build_feature_model gives."""
+    import keras
+
+    with _compute_policy(precision):
+        base = _checked_base(spec, image_size, weights)
+        feature_map = keras.layers.Activation("linear", dtype="float32", name=FEATURE_MAP_LAYER)(base.output)
+        return keras.Model(base.input, feature_map, name=f"{spec.name}_map")
 
 
 def _build_base(spec: BackboneSpec, input_shape: tuple[int, int, int], weights: ResolvedWeights) -> object:
