@@ -1,0 +1,299 @@
+"""Class-activation heatmaps: where in an image the network found its evidence for a class.
+
+Two methods, chosen by the head:
+
+- **CAM** (Zhou et al., 2016), exact, for the linear heads (logreg, linear-svm, sgd) on avg-pooled or
+  flattened features. A linear head scores class c as w_c · f + b_c, and an avg-pooled feature vector f is
+  the mean over positions of the last feature map A, so w_c · f = mean over (x, y) of w_c · A(x, y): the map
+  M_c(x, y) = w_c · A(x, y) decomposes the score exactly, and its mean over positions is the score minus the
+  intercept. sgd's StandardScaler is folded into the weights (w / scale, the mean into the intercept), so the
+  decomposition holds in the raw feature space too. No gradients are needed.
+- **Grad-CAM** (Selvaraju et al., 2017) for everything else: the Keras heads (dense, gap), linear heads on
+  max-pooled features, and any whole Keras model whose last feature-map layer is known (a fine-tuned model:
+  pass it to `grad_cam` with that layer's name). Channel weights are the gradient of the class's pre-softmax
+  score averaged over positions; the map is the ReLU of the weighted channels.
+
+Either way one forward pass (plus one backward pass for Grad-CAM) per image gives both the prediction and
+the map. The image is the one the network saw: decoded and resized as for extraction.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from transfer_flow.storage.errors import BundleError
+from transfer_flow.storage.model_bundle import ModelBundle, load_head
+from transfer_flow.storage.report import heatmap_file
+from transfer_flow.storage.report_metrics import ReportMetrics
+from transfer_flow.tasks.backbones import (
+    FEATURE_MAP_LAYER,
+    Pooling,
+    Precision,
+    ResolvedWeights,
+    build_feature_map_model,
+    get_backbone,
+)
+from transfer_flow.tasks.heads import class_probabilities
+from transfer_flow.tasks.images import decoded_batches
+from transfer_flow.tasks.prediction import bundle_extractor
+
+HeatmapMethod = Literal["cam", "grad-cam"]
+OVERLAY_ALPHA = 0.5  # at full heat, half the colour map and half the image: the image stays readable
+REPORT_SIDE = 128  # overlays in the report: ~70 of them are embedded in report.html (about 2 MB at 128 px)
+COLOUR_MAP = "jet"  # the convention of the CAM and Grad-CAM papers: red is where the evidence is
+
+
+def pool_maps(maps: np.ndarray, pooling: Pooling) -> np.ndarray:
+    """(n, height, width, channels) maps → (n, d) features, as the backbone's pooling layers compute them."""
+    if pooling == "avg":
+        return maps.mean(axis=(1, 2))
+    if pooling == "max":
+        return maps.max(axis=(1, 2))
+    return maps.reshape(len(maps), -1)  # Keras' Flatten on channels-last: row-major height × width × channels
+
+
+def linear_class_weights(head, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n_classes, d) weights and (n_classes,) intercepts of a linear head in the raw feature space: class c's
+    decision score is features @ weights[c] + intercepts[c] (for two classes: the positive class's score, and its
+    negation for the other). A StandardScaler in front (sgd) is folded in, so the scores are the head's own."""
+    from sklearn.linear_model import LogisticRegression, SGDClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    scaler = None
+    if isinstance(head, Pipeline) and len(head.steps) == 2 and isinstance(head.steps[0][1], StandardScaler):
+        scaler, head = head.steps[0][1], head.steps[1][1]
+    if not isinstance(head, LogisticRegression | LinearSVC | SGDClassifier):
+        raise BundleError(f"Expected a linear head (logistic regression, linear SVM, SGD), got {type(head).__name__}")
+    weights = np.asarray(head.coef_, dtype=np.float64)
+    intercepts = np.broadcast_to(np.asarray(head.intercept_, dtype=np.float64), (len(weights),)).copy()
+    if scaler is not None:  # w · (f - mean) / scale + b  =  (w / scale) · f + (b - (w / scale) · mean)
+        scale = np.asarray(scaler.scale_ if scaler.scale_ is not None else 1.0, dtype=np.float64)
+        mean = np.asarray(scaler.mean_ if scaler.mean_ is not None else 0.0, dtype=np.float64)
+        weights = weights / scale
+        intercepts = intercepts - weights @ np.broadcast_to(mean, weights.shape[1:])
+    if len(weights) == 1 and n_classes == 2:  # one margin for the positive class
+        weights, intercepts = np.concatenate([-weights, weights]), np.concatenate([-intercepts, intercepts])
+    return weights, intercepts
+
+
+def class_activation_maps(maps: np.ndarray, class_weights: np.ndarray, pooling: Pooling) -> np.ndarray:
+    """Exact CAM: (n, height, width, channels) maps and each image's (n, d) class weights → (n, height, width)
+    maps whose mean over positions is that class's decision score minus its intercept."""
+    maps = np.asarray(maps, dtype=np.float64)
+    if pooling == "avg":
+        return np.einsum("nhwc,nc->nhw", maps, class_weights)
+    if pooling == "flatten":  # each position's own weights; × positions so the mean (not the sum) is the score
+        positions = maps.shape[1] * maps.shape[2]
+        return positions * np.einsum("nhwc,nhwc->nhw", maps, class_weights.reshape(maps.shape))
+    raise BundleError(f"CAM is exact only on avg-pooled or flattened features, not {pooling}: use Grad-CAM")
+
+
+def grad_cam(model, images: np.ndarray, classes: Sequence[int], map_layer: str = FEATURE_MAP_LAYER) -> np.ndarray:
+    """Grad-CAM of `classes[i]` on `images[i]` for any Keras model whose layer `map_layer` outputs a
+    (height, width, channels) feature map: (n, height, width), non-negative.
+
+    `images` are already preprocessed for the model. The target is the class's pre-softmax score when the model
+    ends in a softmax Dense layer, else the log of its output (gradients of a saturated probability vanish).
+    """
+    import keras
+    import tensorflow as tf
+
+    last = model.layers[-1]
+    ends_in_softmax = (isinstance(last, keras.layers.Dense)
+                       and getattr(last.activation, "__name__", "") == "softmax")
+    outputs = [model.get_layer(map_layer).output, last.input if ends_in_softmax else model.output]
+    two_outputs = keras.Model(model.inputs, outputs)
+    with tf.GradientTape() as tape:
+        maps, scores = two_outputs(tf.convert_to_tensor(images), training=False)
+        if ends_in_softmax:
+            scores = tf.matmul(scores, tf.cast(last.kernel, scores.dtype)) + tf.cast(last.bias, scores.dtype)
+        else:
+            scores = tf.math.log(tf.maximum(scores, 1e-12))
+        target = tf.gather(tf.cast(scores, tf.float32), tf.constant(list(classes), tf.int32), batch_dims=1)
+    gradients = tape.gradient(target, maps)
+    channel_weights = tf.reduce_mean(tf.cast(gradients, tf.float32), axis=(1, 2), keepdims=True)
+    return np.maximum(np.asarray(tf.reduce_sum(channel_weights * tf.cast(maps, tf.float32), axis=-1)), 0.0)
+
+
+_BUILT_MAP_MODEL: dict[tuple, object] = {}  # one backbone kept built (the last asked for)
+
+
+def feature_map_model(backbone: str, image_size: int, precision: Precision, weights: ResolvedWeights):
+    """The backbone's map model, built once for consecutive uses with the same settings: compare's heads, the
+    report after another, explain after a report."""
+    key = (backbone, image_size, precision, weights.source, weights.file, weights.identity())
+    if key not in _BUILT_MAP_MODEL:
+        _BUILT_MAP_MODEL.clear()
+        _BUILT_MAP_MODEL[key] = build_feature_map_model(get_backbone(backbone), image_size=image_size,
+                                                        precision=precision, weights=weights)
+    return _BUILT_MAP_MODEL[key]
+
+
+@dataclass
+class Explained:
+    """One image: what the head said, and where it looked (the map of the class asked for, or the predicted)."""
+
+    probabilities: np.ndarray  # (n_classes,), the head's, in class order
+    heat_class: int  # the class the map is of
+    heatmap: np.ndarray  # (height, width) of the feature map, signed for CAM, non-negative for Grad-CAM
+
+
+class BundleExplainer:
+    """A bundle's backbone and head, rebuilt to give class-activation maps. Built once, used for many batches."""
+
+    def __init__(self, bundle: ModelBundle, batch_size: int = 16):
+        import keras
+
+        extractor = bundle_extractor(bundle, batch_size)  # checks the bundle's record against this backbone zoo
+        self.bundle, self.extractor = bundle, extractor
+        self.image_size, self.pooling = extractor.image_size, extractor.settings.pooling
+        self.names = bundle.metadata.class_names
+        self.dtype = np.dtype(bundle.metadata.extraction.feature_dtype)
+        self.head = load_head(bundle)
+        self.map_model = feature_map_model(extractor.spec.name, extractor.image_size,
+                                            extractor.settings.resolved_precision(), extractor.weights)
+        if bundle.metadata.head_format == "skops" and self.pooling in ("avg", "flatten"):
+            self.method: HeatmapMethod = "cam"
+            self.weights, self.intercepts = linear_class_weights(self.head, len(self.names))
+            self.whole = None
+        else:
+            self.method = "grad-cam"
+            self.whole = self._whole_model(keras)
+
+    def _whole_model(self, keras):
+        """Image → map → pooling → head, one Keras model ending in its own softmax Dense layer (so Grad-CAM can
+        take the pre-softmax score), for Grad-CAM through any head."""
+        maps = self.map_model.output
+        pooled = {"avg": keras.layers.GlobalAveragePooling2D(), "max": keras.layers.GlobalMaxPooling2D(),
+                  "flatten": keras.layers.Flatten()}[self.pooling](maps)
+        if self.bundle.metadata.head_format == "keras":
+            head = self.head.model
+            last = head.layers[-1]
+            if not isinstance(last, keras.layers.Dense):
+                raise BundleError(f"Expected the Keras head of {self.bundle.path} to end in a Dense layer, "
+                                  f"got {type(last).__name__}")
+            hidden = keras.Model(head.inputs, last.input, name="head_body")(pooled)
+            kernel, bias = (np.asarray(w) for w in last.get_weights())
+            activation = getattr(last.activation, "__name__", "softmax")
+        else:  # a linear head on max-pooled features: its decision scores as a Dense layer, softmax on top
+            weights, intercepts = linear_class_weights(self.head, len(self.names))
+            hidden, kernel, bias, activation = pooled, weights.T, intercepts, "softmax"
+        classes = keras.layers.Dense(kernel.shape[1], activation=activation, dtype="float32", name="classes")
+        whole = keras.Model(self.map_model.inputs, classes(hidden), name="explained")
+        classes.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+        return whole
+
+    def explain(self, images: np.ndarray, classes: Sequence[int] | None = None) -> list[Explained]:
+        """Decoded uint8 images (n, size, size, 3) → each one's probabilities and the map of `classes[i]`
+        (default: the predicted class)."""
+        import tensorflow as tf
+
+        batch = self.extractor.spec.preprocess(images)
+        maps = np.asarray(self.map_model(tf.convert_to_tensor(batch), training=False))
+        # Round through the store's dtype: the head was trained on features stored that way.
+        features = pool_maps(maps, self.pooling).astype(self.dtype).astype(np.float32)
+        probabilities = class_probabilities(self.head, features)
+        chosen = np.argmax(probabilities, axis=1) if classes is None else np.asarray(classes, dtype=int)
+        if self.method == "cam":
+            heat = class_activation_maps(maps, self.weights[chosen], self.pooling)
+        else:
+            heat = grad_cam(self.whole, batch, chosen.tolist(), map_layer=FEATURE_MAP_LAYER)
+        return [Explained(p, int(c), h) for p, c, h in zip(probabilities, chosen, heat)]
+
+    def explain_files(self, paths: Sequence[str], classes: Sequence[int] | None = None,
+                      batch_size: int = 16) -> list[tuple[np.ndarray, Explained] | str]:
+        """Each file decoded as for extraction, with its explanation; or the reason it cannot be decoded."""
+        results: list[tuple[np.ndarray, Explained] | str] = []
+        for start, decoded in zip(range(0, len(paths), batch_size),
+                                  decoded_batches(paths, self.image_size, batch_size)):
+            good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+            explained = {}
+            if good:
+                wanted = None if classes is None else [classes[start + i] for i in good]
+                for i, item in zip(good, self.explain(np.stack([decoded[i] for i in good]), wanted)):
+                    explained[i] = (decoded[i], item)
+            results += [explained.get(i, decoded[i]) for i in range(len(decoded))]
+        return results
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, side: int | None = None) -> np.ndarray:
+    """The image (resized to `side` if given) under the positive part of `heatmap`, upsampled bilinearly and
+    coloured with COLOUR_MAP, blended in proportion to the heat: cold regions show the image as it is."""
+    import matplotlib
+
+    picture = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if side is not None and picture.size != (side, side):
+        picture = picture.resize((side, side), Image.Resampling.BILINEAR)
+    positive = np.maximum(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0)
+    peak = float(positive.max())
+    scaled = positive / peak if peak > 0 else positive
+    heat = np.asarray(Image.fromarray(scaled).resize(picture.size, Image.Resampling.BILINEAR)).clip(0.0, 1.0)
+    colours = matplotlib.colormaps[COLOUR_MAP](heat)[..., :3]
+    weight = OVERLAY_ALPHA * heat[..., None]
+    blended = (1 - weight) * np.asarray(picture, dtype=np.float32) + weight * 255.0 * colours
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+class ExplanationRow(BaseModel):
+    """One image given to `explain`: the predicted class, its probability, and the overlay file of its heatmap."""
+
+    path: str
+    label: str = ""
+    confidence: float | None = None
+    method: str = ""
+    heatmap: str = Field(default="", description="The overlay PNG's name in the output folder.")
+    error: str = Field(default="", description="Why the image could not be explained (then no heatmap).")
+
+
+def explain_images(bundle: ModelBundle, paths: Sequence[str], save: Callable[[int, str, np.ndarray], str], *,
+                   batch_size: int = 16) -> list[ExplanationRow]:
+    """Each image's predicted class and the heatmap of that class over it, drawn at the network's input size and
+    handed to `save(index, path, pixels)`, which returns the file name. One row per path, in order; an image that
+    cannot be decoded gets its reason in `error`, never an exception."""
+    explainer = BundleExplainer(bundle)
+    rows: list[ExplanationRow] = []
+    for start in range(0, len(paths), batch_size):  # a batch's overlays are saved before the next is decoded
+        chunk = paths[start:start + batch_size]
+        for index, (path, result) in enumerate(zip(chunk, explainer.explain_files(chunk, batch_size=batch_size)),
+                                               start):
+            if isinstance(result, str):
+                rows.append(ExplanationRow(path=path, error=result))
+                continue
+            pixels, explained = result
+            c = explained.heat_class
+            rows.append(ExplanationRow(path=path, label=explainer.names[c],
+                                       confidence=float(explained.probabilities[c]), method=explainer.method,
+                                       heatmap=save(index, path, overlay(pixels, explained.heatmap))))
+    return rows
+
+
+def report_heatmaps(bundle: ModelBundle, root: Path, metrics: ReportMetrics) -> tuple[ReportMetrics, dict]:
+    """Heatmaps of the predicted class over the report's gallery images (misclassified, then correct examples):
+    the metrics with each item's `heatmap` file name, and the overlays by that name (REPORT_SIDE pixels square).
+    An image that cannot be read now gets none. One forward pass per image."""
+    galleries = {"misclassified": metrics.misclassified, "correct": metrics.correct_examples}
+    items = [(kind, i, item) for kind, listed in galleries.items() for i, item in enumerate(listed)]
+    if not items:
+        return metrics, {}
+    names = bundle.metadata.class_names
+    explainer = BundleExplainer(bundle)
+    results = explainer.explain_files([str(Path(root) / item.path) for _, _, item in items],
+                                      [names.index(item.predicted) for _, _, item in items])
+    overlays: dict[str, np.ndarray] = {}
+    named = {kind: list(listed) for kind, listed in galleries.items()}
+    for (kind, i, item), result in zip(items, results):
+        if isinstance(result, str):
+            continue
+        name = heatmap_file(kind, i)
+        overlays[name] = overlay(result[0], result[1].heatmap, REPORT_SIDE)
+        named[kind][i] = item.model_copy(update={"heatmap": name})
+    return metrics.model_copy(update={"misclassified": named["misclassified"], "correct_examples": named["correct"],
+                                      "heatmap_method": explainer.method}), overlays
