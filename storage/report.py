@@ -24,6 +24,7 @@ from transfer_flow.storage.atomic import atomic_path  # noqa: E402
 from transfer_flow.storage.report_metrics import METRICS_FILE, Misclassified, ReportMetrics, metrics_json  # noqa: E402
 
 HTML_FILE = "report.html"
+HEATMAP_FOLDER = "heatmaps"  # in the report folder: one PNG per gallery image (GalleryImage.heatmap)
 HTML_TEMPLATE = "report.html.j2"  # in templates/ beside this module
 
 
@@ -113,12 +114,18 @@ def thumbnail_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def heatmap_file(kind: str, index: int) -> str:
+    """Where the heatmap of a gallery image goes, relative to the report folder: a name made of the gallery it is
+    in and its place there (never of the image's own path), so it is safe on any file system and unique."""
+    return f"{HEATMAP_FOLDER}/{kind}-{index:03d}.png"
+
+
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def report_html(metrics: ReportMetrics, pictures: dict[str, bytes],
-                gallery: list[tuple[bytes | None, Misclassified]]) -> str:
+                gallery: list[tuple[bytes | None, Misclassified]], heatmaps: dict[str, bytes] | None = None) -> str:
     """One self-contained page (templates/report.html.j2): every picture is a data URI, nothing is fetched
     from anywhere. Void elements are self-closed, so the page is well-formed XML too (xml.etree reads it);
     every value is escaped by the template (autoescape), paths and class names included."""
@@ -138,7 +145,7 @@ def report_html(metrics: ReportMetrics, pictures: dict[str, bytes],
                 ("feature store", metrics.store)]
     return _templates().get_template(HTML_TEMPLATE).render(
         m=metrics, cards=cards, notes=baseline_lines(metrics)[1:], settings=settings,
-        pictures=pictures, gallery=gallery)
+        pictures=pictures, gallery=gallery, heatmaps=heatmaps or {})
 
 
 @functools.cache
@@ -161,17 +168,20 @@ def read_report_key(report_dir: Path) -> str | None:
 
 def write_report(report_dir: Path, metrics: ReportMetrics, classification_text: str, *, overwrite: bool,
                  history: dict[str, list[float]] | None = None,
-                 gallery: list[tuple[np.ndarray | None, Misclassified]] | None = None) -> Path:
+                 gallery: list[tuple[np.ndarray | None, Misclassified]] | None = None,
+                 heatmaps: dict[str, np.ndarray] | None = None) -> Path:
     """Write the report directory atomically.
 
     `history`: per-epoch curves (drawn when present); `gallery`: (thumbnail pixels or None, item with
-    path, true, predicted, confidence) of misclassified test images, embedded in report.html."""
+    path, true, predicted, confidence) of misclassified test images, embedded in report.html; `heatmaps`:
+    overlay pixels by the file name the metrics' gallery items give (heatmap_file), written there and embedded."""
     report_dir = Path(report_dir)
     pictures = {"confusion_matrix": confusion_png(metrics.class_names, metrics.confusion)}
     curves = curves_png(history or {})
     if curves is not None:
         pictures["training_curves"] = curves
     thumbnails = [(None if pixels is None else thumbnail_png(pixels), item) for pixels, item in gallery or []]
+    heatmap_pngs = {name: thumbnail_png(pixels) for name, pixels in (heatmaps or {}).items()}
     markdown = "\n".join([
         summary_markdown(metrics), "",
         "## Per-class metrics", "", "```", classification_text.rstrip(), "```", "",
@@ -179,6 +189,8 @@ def write_report(report_dir: Path, metrics: ReportMetrics, classification_text: 
         "![confusion matrix](confusion_matrix.png)", "",
         *(["## Training curves", "", "![training curves](training_curves.png)", ""] if curves else []),
         f"The misclassified test images are shown in [{HTML_FILE}]({HTML_FILE}).", "",
+        *([f"Heatmaps ({metrics.heatmap_method}) of the predicted class over each gallery image: "
+           f"[{HEATMAP_FOLDER}/]({HEATMAP_FOLDER}/), named in metrics.json.", ""] if heatmap_pngs else []),
     ])
     with atomic_path(report_dir, overwrite=overwrite, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -186,5 +198,9 @@ def write_report(report_dir: Path, metrics: ReportMetrics, classification_text: 
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         for name, png in pictures.items():
             (tmp / f"{name}.png").write_bytes(png)
-        (tmp / HTML_FILE).write_text(report_html(metrics, pictures, thumbnails), encoding="utf-8")
+        if heatmap_pngs:
+            (tmp / HEATMAP_FOLDER).mkdir()
+        for name, png in heatmap_pngs.items():
+            (tmp / name).write_bytes(png)
+        (tmp / HTML_FILE).write_text(report_html(metrics, pictures, thumbnails, heatmap_pngs), encoding="utf-8")
     return report_dir

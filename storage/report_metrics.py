@@ -10,11 +10,21 @@ from pydantic import BaseModel, Field
 METRICS_FILE = "metrics.json"
 
 
-class Misclassified(BaseModel):
+class GalleryImage(BaseModel):
+    """A test image shown in the report, with where the network looked for its predicted class."""
+
     path: str = Field(description="Relative to the dataset root.")
     true: str
     predicted: str
     confidence: float = Field(description="The head's score for the predicted class.")
+    heatmap: str | None = Field(
+        default=None, description="PNG under report/ (a path relative to it): the class-activation heatmap of the "
+        "predicted class over the image as the network saw it; None when the image cannot be read now.",
+    )
+
+
+class Misclassified(GalleryImage):
+    """A test image the head labelled wrongly."""
 
 
 class TrainingScore(BaseModel):
@@ -58,6 +68,13 @@ class ReportMetrics(BaseModel):
     training_score: TrainingScore | None = None
     n_misclassified: int = 0
     misclassified: list[Misclassified] = Field(default_factory=list, description="The most confident first.")
+    correct_examples: list[GalleryImage] = Field(
+        default_factory=list, description="A few correctly labelled test images per class, the most confident first, "
+        "shown with their heatmaps beside the mistakes.",
+    )
+    heatmap_method: str | None = Field(
+        default=None, description="cam (exact, linear heads on avg-pooled or flattened features) or grad-cam.",
+    )
     stage_key: str = Field(default="", description="Cache key of the evaluation that wrote the report.")
 
 

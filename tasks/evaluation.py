@@ -12,13 +12,15 @@ from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import BundleError, DatasetError, UnreadableImageError
 from transfer_flow.storage.feature_store import FeatureStore, read_contents, read_features
 from transfer_flow.storage.model_bundle import ModelBundle, load_head
-from transfer_flow.storage.report_metrics import Baselines, Misclassified
+from transfer_flow.storage.report_metrics import Baselines, GalleryImage, Misclassified
 from transfer_flow.tasks.baselines import accuracy_interval, baselines
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decode_image
 from transfer_flow.tasks.training import CLASSIC_C_GRID
 
 GALLERY_IMAGES = 48  # misclassified images kept for the report, most confident mistakes first
+CORRECT_PER_CLASS = 2  # correctly labelled images per class shown with heatmaps beside the mistakes
+CORRECT_IMAGES = 40  # at most, whatever the number of classes: each costs a forward pass in the report stage
 THUMBNAIL_SIDE = 96
 
 
@@ -38,10 +40,15 @@ class Evaluation(BaseModel):
         default_factory=list, description=f"At most {GALLERY_IMAGES}, most confident first."
     )
     n_misclassified: int = 0
+    correct_examples: list[GalleryImage] = Field(
+        default_factory=list,
+        description=f"{CORRECT_PER_CLASS} per class (at most {CORRECT_IMAGES}), most confident first.",
+    )
     seconds: float
 
 
-REPORT_CODE_VERSION = 3  # bump when the same evaluation would give another report (2: report.html, 3: baselines)
+REPORT_CODE_VERSION = 4  # bump when the same evaluation would give another report (2: report.html, 3: baselines,
+# 4: heatmaps)
 
 
 def report_key(bundle: ModelBundle, store: FeatureStore) -> str:
@@ -80,6 +87,9 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
     misclassified = [Misclassified(path=contents.paths[rows[i]], true=names[truth[i]], predicted=names[predicted[i]],
                                    confidence=float(probabilities[i, predicted[i]])) for i in wrong[:GALLERY_IMAGES]]
+    correct_examples = [GalleryImage(path=contents.paths[rows[i]], true=names[truth[i]], predicted=names[truth[i]],
+                                     confidence=float(probabilities[i, truth[i]]))
+                        for i in most_confident_correct(truth, predicted, probabilities)]
     # The baselines see the images themselves: augmented views would only repeat their paths.
     train_rows = np.flatnonzero(np.isin(np.asarray(contents.split), ["train", "val"]) & (contents.view == 0))
     params = bundle.metadata.head_params
@@ -101,9 +111,19 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
         classification_report=classification_report(truth, predicted, labels=indices, target_names=names,
                                                      zero_division=0, digits=4),
         best_params=bundle.metadata.training_summary.get("best_params", bundle.metadata.head_params),
-        misclassified=misclassified, n_misclassified=len(wrong),
+        misclassified=misclassified, n_misclassified=len(wrong), correct_examples=correct_examples,
         seconds=time.perf_counter() - started,
     )
+
+
+def most_confident_correct(truth: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray) -> list[int]:
+    """Indices of up to CORRECT_PER_CLASS correctly labelled rows per class (CORRECT_IMAGES in all), class by class,
+    the most confident first within each."""
+    chosen: list[int] = []
+    for c in range(probabilities.shape[1]):
+        right = np.flatnonzero((truth == c) & (predicted == c))
+        chosen += right[np.argsort(-probabilities[right, c], kind="stable")][:CORRECT_PER_CLASS].tolist()
+    return chosen[:CORRECT_IMAGES]
 
 
 def gallery_thumbnails(root: Path, items: list[Misclassified], side: int = THUMBNAIL_SIDE) -> list[np.ndarray | None]:

@@ -22,6 +22,8 @@ from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
 from transfer_flow.storage.comparison import HeadScore, write_comparison
+from transfer_flow.storage.errors import TransferFlowError
+from transfer_flow.storage.explanations import explanations_folder, refuse_existing_explanations
 from transfer_flow.storage.manifest import ImageRecord, Manifest
 from transfer_flow.storage.model_bundle import ModelBundle
 from transfer_flow.storage.output_layout import OutputLayout
@@ -45,6 +47,7 @@ from transfer_flow.tasks.extraction import (
     plan_extraction,
 )
 from transfer_flow.tasks.hashing import HashingStats, hash_manifest
+from transfer_flow.tasks.heatmaps import ExplanationRow, explain_images, report_heatmaps
 from transfer_flow.tasks.listing import list_dataset
 from transfer_flow.tasks.logs import stage_logger
 from transfer_flow.tasks.prediction import PredictionRow, find_bundle, list_images, predict_images
@@ -192,12 +195,15 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
         store=str(extraction.store.path), class_names=result.class_names, per_class=result.per_class,
         confusion=result.confusion, training_score=TrainingScore(name=training.score_name, value=training.cv_score),
         n_misclassified=result.n_misclassified, misclassified=result.misclassified, stage_key=key,
+        correct_examples=result.correct_examples,
     )
     kept = not refresh and read_report_key(layout.report) == key  # same head on the same rows: the report stands
     if not kept:
-        thumbnails = gallery_thumbnails(Path(extraction.store.attrs.get("dataset_root", "")), result.misclassified)
+        root = Path(extraction.store.attrs.get("dataset_root", ""))
+        thumbnails = gallery_thumbnails(root, result.misclassified)
+        metrics, heatmaps = gallery_heatmaps(training.bundle, root, metrics)
         write_report(layout.report, metrics, result.classification_report, overwrite=True, history=training.history,
-                     gallery=list(zip(thumbnails, metrics.misclassified)))
+                     gallery=list(zip(thumbnails, metrics.misclassified)), heatmaps=heatmaps)
     prefix = artifact_key(Path(extraction.store.attrs.get("dataset_root", "")).name, spec.head)
     page = (layout.report / HTML_FILE).resolve()
     create_markdown_artifact(key=f"{prefix}-report", markdown=report_artifact_markdown(metrics, layout.report, page),
@@ -218,6 +224,16 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
 def head_folder(layout: OutputLayout, head: str) -> Path:
     """Where `compare` puts one head's model/ and report/."""
     return Path(layout.root) / "heads" / head
+
+
+def gallery_heatmaps(bundle: ModelBundle, root: Path, metrics: ReportMetrics) -> tuple[ReportMetrics, dict]:
+    """The report's heatmaps, or none (and a warning) when the bundle's backbone cannot be rebuilt here now: the
+    rest of the report stands without them."""
+    try:
+        return report_heatmaps(bundle, root, metrics)
+    except TransferFlowError as error:
+        stage_logger().warning("report: no heatmaps: %s", error)
+        return metrics, {}
 
 
 @task(name="score head", cache_policy=NONE)
@@ -291,3 +307,28 @@ def predictions_csv(rows: list[PredictionRow], output: str, top_k: int, overwrit
     write_predictions(Path(output), [r.csv_row(top_k) for r in rows], top_k, overwrite=overwrite)
     stage_logger().info("predict: %d rows (%d failed) → %s", len(rows), sum(1 for r in rows if r.error), output)
     return output
+
+
+# --- heatmaps for any image ---------------------------------------------------------------------------
+
+
+@task(name="check explanations output", cache_policy=NONE)
+def free_explanations_output(output: str, overwrite: bool) -> None:
+    refuse_existing_explanations(Path(output), overwrite=overwrite)
+
+
+@task(name="explain images", cache_policy=NONE)
+def explanations(bundle: ModelBundle, images: list[str], output: str, batch_size: int,
+                 overwrite: bool) -> list[ExplanationRow]:
+    """Heatmap overlays written as they are made into the output folder (renamed into place at the end)."""
+    with explanations_folder(Path(output), overwrite=overwrite) as folder:
+        rows = explain_images(bundle, images, folder.add_overlay, batch_size=batch_size)
+        folder.write_rows([{**row.model_dump(), "confidence": "" if row.confidence is None
+                            else f"{row.confidence:.6f}"} for row in rows])
+    log = stage_logger()
+    for row in rows:
+        if row.error:
+            log.warning("explain: %s: %s", row.path, row.error)
+    log.info("explain: %d images (%d unreadable), %s → %s", len(rows), sum(1 for r in rows if r.error),
+             next((r.method for r in rows if r.method), "no heatmap"), output)
+    return rows
