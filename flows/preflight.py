@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transfer_flow.flows.settings import PipelineSettings, PredictionSettings
+from transfer_flow.flows.settings import ExplainSettings, PipelineSettings, PredictionSettings
+from transfer_flow.storage.explanations import refuse_existing_explanations
 from transfer_flow.storage.output_layout import OutputLayout
 from transfer_flow.storage.predictions import refuse_existing_predictions
 from transfer_flow.tasks.backbones import BACKBONES, resolve_weights
@@ -24,4 +25,9 @@ def check_pipeline(settings: PipelineSettings) -> None:
 def check_prediction(settings: PredictionSettings) -> None:
     if settings.output:
         refuse_existing_predictions(Path(settings.output), overwrite=settings.overwrite)
+    find_bundle(settings.bundle)
+
+
+def check_explanation(settings: ExplainSettings) -> None:
+    refuse_existing_explanations(Path(settings.output), overwrite=settings.overwrite)
     find_bundle(settings.bundle)

@@ -51,10 +51,18 @@ def inbox_run_name() -> str:
     return SEPARATOR.join([Path(str(flow_run.parameters.get("inbox", "?"))).name, _trigger()])
 
 
-def prediction_run_name() -> str:
+def _bundle_run_name(verb: str) -> str:
     from prefect.runtime import flow_run
 
     settings = flow_run.parameters.get("settings", {})
     bundle = Path(str(_field(settings, "bundle", "") or "?")).resolve()
     run = bundle.parent.name if bundle.name == "model" else bundle.name  # DIR/model: the run DIR names it
-    return SEPARATOR.join([run, "predict", _trigger()])
+    return SEPARATOR.join([run, verb, _trigger()])
+
+
+def prediction_run_name() -> str:
+    return _bundle_run_name("predict")
+
+
+def explanation_run_name() -> str:
+    return _bundle_run_name("explain")

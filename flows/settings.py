@@ -134,3 +134,13 @@ class PredictionSettings(BaseModel):
     top_k: int = Field(default=3, ge=1, description="Labels per image, best first: label, label_2 … label_K.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
     overwrite: bool = Field(default=False, description="Replace an existing output CSV.")
+
+
+class ExplainSettings(BaseModel):
+    """Settings of one explanation: a trained bundle and images in, a heatmap overlay per image out."""
+
+    bundle: str = Field(description="A model bundle folder (DIR/model of a run), or the run's output folder.")
+    paths: list[str] = Field(min_length=1, description="Image files and folders (recursed) to explain.")
+    output: str = Field(description="Folder to write: one heatmap overlay PNG per image and explanations.csv.")
+    batch_size: int = Field(default=16, ge=1, le=1024, description="Images per forward (and backward) pass.")
+    overwrite: bool = Field(default=False, description="Replace an existing, non-empty output folder.")
