@@ -96,31 +96,67 @@ def class_activation_maps(maps: np.ndarray, class_weights: np.ndarray, pooling: 
     raise BundleError(f"CAM is exact only on avg-pooled or flattened features, not {pooling}: use Grad-CAM")
 
 
-def grad_cam(model, images: np.ndarray, classes: Sequence[int], map_layer: str = FEATURE_MAP_LAYER) -> np.ndarray:
-    """Grad-CAM of `classes[i]` on `images[i]` for any Keras model whose layer `map_layer` outputs a
-    (height, width, channels) feature map: (n, height, width), non-negative.
-
-    `images` are already preprocessed for the model. The target is the class's pre-softmax score when the model
-    ends in a softmax Dense layer, else the log of its output (gradients of a saturated probability vanish).
-    """
+def _class_scores(model, map_output=None):
+    """`model` giving (its map, if asked, and) what becomes the class scores, and the function that makes them: the
+    pre-softmax scores when the model ends in a softmax Dense layer, else the log of its output (the gradients of
+    a saturated probability vanish)."""
     import keras
     import tensorflow as tf
 
     last = model.layers[-1]
-    ends_in_softmax = (isinstance(last, keras.layers.Dense)
-                       and getattr(last.activation, "__name__", "") == "softmax")
-    outputs = [model.get_layer(map_layer).output, last.input if ends_in_softmax else model.output]
-    two_outputs = keras.Model(model.inputs, outputs)
-    with tf.GradientTape() as tape:
-        maps, scores = two_outputs(tf.convert_to_tensor(images), training=False)
-        if ends_in_softmax:
-            scores = tf.matmul(scores, tf.cast(last.kernel, scores.dtype)) + tf.cast(last.bias, scores.dtype)
-        else:
-            scores = tf.math.log(tf.maximum(scores, 1e-12))
-        target = tf.gather(tf.cast(scores, tf.float32), tf.constant(list(classes), tf.int32), batch_dims=1)
-    gradients = tape.gradient(target, maps)
-    channel_weights = tf.reduce_mean(tf.cast(gradients, tf.float32), axis=(1, 2), keepdims=True)
+    if isinstance(last, keras.layers.Dense) and getattr(last.activation, "__name__", "") == "softmax":
+        hidden, kernel, bias = last.input, last.kernel, last.bias
+
+        def scores(values):
+            return tf.matmul(values, tf.cast(kernel, values.dtype)) + tf.cast(bias, values.dtype)
+    else:
+        hidden = model.output
+
+        def scores(values):
+            return tf.math.log(tf.maximum(tf.cast(values, tf.float32), 1e-12))
+    outputs = hidden if map_output is None else [map_output, hidden]
+    return keras.Model(model.inputs, outputs), scores
+
+
+def _weighted_maps(maps, target, tape) -> np.ndarray:
+    """Grad-CAM proper: channels weighted by the target's gradient averaged over positions, summed, ReLU."""
+    import tensorflow as tf
+
+    gradients = tf.cast(tape.gradient(target, maps), tf.float32)
+    channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
     return np.maximum(np.asarray(tf.reduce_sum(channel_weights * tf.cast(maps, tf.float32), axis=-1)), 0.0)
+
+
+def _target(scores, classes: Sequence[int]):
+    import tensorflow as tf
+
+    return tf.gather(tf.cast(scores, tf.float32), tf.constant(list(classes), tf.int32), batch_dims=1)
+
+
+def grad_cam(model, images: np.ndarray, classes: Sequence[int], map_layer: str = FEATURE_MAP_LAYER) -> np.ndarray:
+    """Grad-CAM of `classes[i]` on `images[i]` for any Keras model (backbone and classifier in one, as a
+    fine-tuned model is) whose layer `map_layer` outputs a (height, width, channels) feature map: (n, height,
+    width), non-negative. `images` are already preprocessed for the model."""
+    import tensorflow as tf
+
+    with_map, to_scores = _class_scores(model, model.get_layer(map_layer).output)
+    with tf.GradientTape() as tape:
+        maps, hidden = with_map(tf.convert_to_tensor(images), training=False)
+        target = _target(to_scores(hidden), classes)
+    return _weighted_maps(maps, target, tape)
+
+
+def grad_cam_on_maps(head_on_maps, maps: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Grad-CAM from feature maps already computed, through a model taking them (pooling and head): the
+    backbone's forward pass stays outside the gradient tape, done once for the prediction and the map."""
+    import tensorflow as tf
+
+    model, to_scores = _class_scores(head_on_maps)
+    maps = tf.convert_to_tensor(maps, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(maps)
+        target = _target(to_scores(model(maps, training=False)), classes)
+    return _weighted_maps(maps, target, tape)
 
 
 _BUILT_MAP_MODEL: dict[tuple, object] = {}  # one backbone kept built (the last asked for)
@@ -163,15 +199,14 @@ class BundleExplainer:
         if bundle.metadata.head_format == "skops" and self.pooling in ("avg", "flatten"):
             self.method: HeatmapMethod = "cam"
             self.weights, self.intercepts = linear_class_weights(self.head, len(self.names))
-            self.whole = None
         else:
             self.method = "grad-cam"
-            self.whole = self._whole_model(keras)
+            self.head_on_maps = self._head_on_maps(keras)
 
-    def _whole_model(self, keras):
-        """Image → map → pooling → head, one Keras model ending in its own softmax Dense layer (so Grad-CAM can
-        take the pre-softmax score), for Grad-CAM through any head."""
-        maps = self.map_model.output
+    def _head_on_maps(self, keras):
+        """Map → pooling → head, one Keras model ending in its own softmax Dense layer (so Grad-CAM can take the
+        pre-softmax score), for Grad-CAM through any head."""
+        maps = keras.Input(tuple(self.map_model.output.shape[1:]), name="feature_map")
         pooled = {"avg": keras.layers.GlobalAveragePooling2D(), "max": keras.layers.GlobalMaxPooling2D(),
                   "flatten": keras.layers.Flatten()}[self.pooling](maps)
         if self.bundle.metadata.head_format == "keras":
@@ -187,9 +222,9 @@ class BundleExplainer:
             weights, intercepts = linear_class_weights(self.head, len(self.names))
             hidden, kernel, bias, activation = pooled, weights.T, intercepts, "softmax"
         classes = keras.layers.Dense(kernel.shape[1], activation=activation, dtype="float32", name="classes")
-        whole = keras.Model(self.map_model.inputs, classes(hidden), name="explained")
+        head_on_maps = keras.Model(maps, classes(hidden), name="head_on_maps")
         classes.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-        return whole
+        return head_on_maps
 
     def explain(self, images: np.ndarray, classes: Sequence[int] | None = None) -> list[Explained]:
         """Decoded uint8 images (n, size, size, 3) → each one's probabilities and the map of `classes[i]`
@@ -205,7 +240,7 @@ class BundleExplainer:
         if self.method == "cam":
             heat = class_activation_maps(maps, self.weights[chosen], self.pooling)
         else:
-            heat = grad_cam(self.whole, batch, chosen.tolist(), map_layer=FEATURE_MAP_LAYER)
+            heat = grad_cam_on_maps(self.head_on_maps, maps, chosen.tolist())
         return [Explained(p, int(c), h) for p, c, h in zip(probabilities, chosen, heat)]
 
     def explain_files(self, paths: Sequence[str], classes: Sequence[int] | None = None,

@@ -28,7 +28,11 @@ def test_dense_report_is_self_contained_html_with_curves_and_gallery(dense_run):
     sources = check_html(page).sources
     assert "Training curves" in page and (report / "training_curves.png").is_file()
     assert (report / "confusion_matrix.png").is_file()
-    assert len(sources) == 2 + min(metrics["n_misclassified"], 48)  # thumbnails of the test images it got wrong
+    heatmaps = [item["heatmap"] for item in metrics["misclassified"] + metrics["correct_examples"] if item["heatmap"]]
+    assert metrics["heatmap_method"] == "grad-cam" and len(heatmaps) == len(metrics["misclassified"]) + len(
+        metrics["correct_examples"])
+    # thumbnails of the test images it got wrong, and the heatmaps of the gallery
+    assert len(sources) == 2 + min(metrics["n_misclassified"], 48) + len(heatmaps)
     for item in metrics["misclassified"]:
         assert item["path"] in page and item["true"] != item["predicted"] and 0 <= item["confidence"] <= 1
     assert f"{summary.accuracy:.4f}" in page

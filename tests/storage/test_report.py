@@ -53,7 +53,8 @@ def test_metrics_json_reads_back_as_the_record_it_was_written_from(tmp_path):
     assert read_metrics(tmp_path / "report") == written
     on_disk = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert list(on_disk)[:4] == ["accuracy", "macro_f1", "n_train", "n_test"]  # the file's keys are unchanged
-    assert on_disk["misclassified"] == [{"path": "owl/x.png", "true": "owl", "predicted": "cat", "confidence": 0.75}]
+    assert on_disk["misclassified"] == [{"path": "owl/x.png", "true": "owl", "predicted": "cat", "confidence": 0.75,
+                                         "heatmap": None}]
 
 
 def test_headline_shows_the_interval_and_baselines_and_warns_when_raw_pixels_win(tmp_path):

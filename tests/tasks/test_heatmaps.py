@@ -144,6 +144,8 @@ def built_map_model(record):
 
 
 def test_grad_cam_of_the_dense_head_is_a_map_of_the_feature_grid_and_not_flat(squares, extracted, tmp_path):
+    import keras
+
     _, labels, cells = squares
     images, features, record = extracted
     bundle = trained_bundle(tmp_path, "dense", features, labels, record)
@@ -156,6 +158,15 @@ def test_grad_cam_of_the_dense_head_is_a_map_of_the_feature_grid_and_not_flat(sq
     np.testing.assert_allclose([e.probabilities for e in explained], class_probabilities(load_head(bundle), features),
                                rtol=1e-3, atol=1e-5)
     assert near_the_square(heat, cells) >= 0.75
+    # The same as Grad-CAM through backbone and head as one model (the backbone's pass kept out of the tape here).
+    map_model, last = built_map_model(record), explainer.head_on_maps.layers[-1]
+    body = keras.Model(explainer.head_on_maps.inputs, last.input)
+    classes = keras.layers.Dense(last.units, activation="softmax")  # one flat model ending in softmax, as
+    whole = keras.Model(map_model.inputs, classes(body(map_model.output)))  # a fine-tuned model would
+    classes.set_weights(last.get_weights())
+    by_whole = grad_cam(whole, get_backbone(record.backbone).preprocess(images[:6]),
+                        [e.heat_class for e in explained[:6]], map_layer="feature_map")
+    np.testing.assert_allclose(by_whole, heat[:6], rtol=1e-3, atol=1e-3 * heat[:6].max())
 
 
 def test_grad_cam_takes_any_keras_model_whose_map_layer_is_named(squares, extracted):
