@@ -59,10 +59,11 @@ def extracted(squares):
     return images, FeatureExtractor(settings, weights)(images), record
 
 
-def trained_bundle(tmp_path, head, features, labels, record, **settings):
+def trained_bundle(tmp_path, head, features, labels, record, map_shape=None):
     """The head fitted by its own registered fit on the rows given, saved as a bundle."""
     inputs = HeadInputs(rows=np.arange(len(labels)), labels=labels, is_val=np.zeros(len(labels), bool),
-                        n_classes=int(labels.max()) + 1, read=lambda rows: features[rows], block_rows=8)
+                        n_classes=int(labels.max()) + 1, read=lambda rows: features[rows], block_rows=8,
+                        map_shape=map_shape)
     fitted, _ = get_head(head).fit(inputs, TrainingSettings(head=head, c_grid=[1.0], cv_folds=2, epochs=40,
                                                             patience=5, sgd_epochs=5))
     names = list(COLOURS)[:int(labels.max()) + 1]
@@ -143,6 +144,7 @@ def built_map_model(record):
                              resolve_weights(get_backbone(record.backbone), "imagenet"))
 
 
+@pytest.mark.slow  # Keras training on real features
 def test_grad_cam_of_the_dense_head_is_a_map_of_the_feature_grid_and_not_flat(squares, extracted, tmp_path):
     import keras
 
@@ -167,6 +169,26 @@ def test_grad_cam_of_the_dense_head_is_a_map_of_the_feature_grid_and_not_flat(sq
     by_whole = grad_cam(whole, get_backbone(record.backbone).preprocess(images[:6]),
                         [e.heat_class for e in explained[:6]], map_layer="feature_map")
     np.testing.assert_allclose(by_whole, heat[:6], rtol=1e-3, atol=1e-3 * heat[:6].max())
+
+
+@pytest.mark.parametrize("head, pooling", [("logreg", "max"),
+                                           pytest.param("gap", "flatten", marks=pytest.mark.slow)])
+def test_heads_without_an_exact_cam_get_grad_cam_on_the_features_they_were_trained_on(head, pooling, squares,
+                                                                                     extracted, tmp_path):
+    """A linear head on max-pooled features, and gap (which pools the flattened map itself)."""
+    _, labels, cells = squares
+    images, _, record = extracted
+    maps = np.asarray(built_map_model(record)(get_backbone(record.backbone).preprocess(images)))
+    features = pool_maps(maps, pooling)
+    record = record.model_copy(update={"pooling": pooling})
+    bundle = trained_bundle(tmp_path, head, features, labels, record, map_shape=maps.shape[1:])
+    explainer = BundleExplainer(bundle)
+    explained = explainer.explain(images)
+    assert explainer.method == "grad-cam"
+    np.testing.assert_allclose([e.probabilities for e in explained], class_probabilities(load_head(bundle), features),
+                               rtol=1e-3, atol=1e-5)
+    heat = np.stack([e.heatmap for e in explained])
+    assert heat.shape == (len(images), 3, 3) and (heat >= 0).all() and (np.ptp(heat, axis=(1, 2)) > 0).mean() >= 0.9
 
 
 def test_grad_cam_takes_any_keras_model_whose_map_layer_is_named(squares, extracted):
