@@ -188,6 +188,10 @@ class BundleExplainer:
     def __init__(self, bundle: ModelBundle, batch_size: int = 16):
         import keras
 
+        if bundle.metadata.head_format not in ("skops", "keras"):
+            # A whole model on images (a fine-tuned one) would take its map model from its own backbone, and its
+            # head on pooled features as a Keras head: not done here yet.
+            raise BundleError(f"No heatmaps yet for {bundle.metadata.head_format} bundles ({bundle.path})")
         extractor = bundle_extractor(bundle, batch_size)  # checks the bundle's record against this backbone zoo
         self.bundle, self.extractor = bundle, extractor
         self.image_size, self.pooling = extractor.image_size, extractor.settings.pooling
@@ -215,6 +219,10 @@ class BundleExplainer:
             if not isinstance(last, keras.layers.Dense):
                 raise BundleError(f"Expected the Keras head of {self.bundle.path} to end in a Dense layer, "
                                   f"got {type(last).__name__}")
+            if len(head.inputs) != 1 or tuple(head.inputs[0].shape[1:]) != tuple(pooled.shape[1:]):
+                # A whole model taking images (a fine-tuned one) goes through grad_cam with its map layer instead.
+                raise BundleError(f"Expected the Keras head of {self.bundle.path} to take {pooled.shape[1]}-d "
+                                  f"features, it takes {[tuple(i.shape[1:]) for i in head.inputs]}")
             hidden = keras.Model(head.inputs, last.input, name="head_body")(pooled)
             kernel, bias = (np.asarray(w) for w in last.get_weights())
             activation = getattr(last.activation, "__name__", "softmax")
