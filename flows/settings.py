@@ -27,6 +27,11 @@ class PipelineSettings(ExtractionSettings):
         default="logreg",
         description=f"Classifier on the features: {heads_help()}.",
     )
+    # The training fields a user tunes, declared once on TrainingSettings.
+    epochs: int | None = TrainingSettings.model_fields["epochs"]
+    learning_rate: float | None = TrainingSettings.model_fields["learning_rate"]
+    unfreeze: int | None = TrainingSettings.model_fields["unfreeze"]
+    flip: bool = TrainingSettings.model_fields["flip"]
     store: StoreFormatName = Field(
         default=DEFAULT_STORE_FORMAT,
         description="Feature store format: HDF5 (classic layout, one file) "
@@ -91,7 +96,8 @@ class PipelineSettings(ExtractionSettings):
         return ExtractionSettings.model_validate(self.model_dump(include=set(ExtractionSettings.model_fields)))
 
     def training(self, head: HeadName | None = None) -> TrainingSettings:
-        return TrainingSettings(head=head or self.head, seed=self.seed)
+        return TrainingSettings(head=head or self.head, seed=self.seed, epochs=self.epochs,
+                                learning_rate=self.learning_rate, unfreeze=self.unfreeze, flip=self.flip)
 
 
 class CompareSettings(PipelineSettings):

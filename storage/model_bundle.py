@@ -1,7 +1,9 @@
 """Model bundles: a trained head plus everything needed to label new images the same way.
 
 A scikit-learn head is stored with skops (no pickle), a Keras head as a `.keras` file loaded with
-`safe_mode=True` (no Python code in lambdas). Either way its SHA-256 is recorded in bundle.json and
+`safe_mode=True` (no Python code in lambdas); so is a whole fine-tuned network (`keras-model`: image in,
+class probabilities out), which then replaces both the backbone and the head. Either way its SHA-256 is
+recorded in bundle.json and
 checked before loading (the checked bytes are the ones deserialised), so an altered or swapped file
 is refused rather than read.
 
@@ -31,7 +33,10 @@ from transfer_flow.storage.extraction_record import ExtractionRecord, read_recor
 
 HEAD_FILE = "head.skops"
 KERAS_HEAD_FILE = "head.keras"
-HEAD_FILES = {"skops": HEAD_FILE, "keras": KERAS_HEAD_FILE}
+KERAS_MODEL_FILE = "model.keras"
+HEAD_FILES = {"skops": HEAD_FILE, "keras": KERAS_HEAD_FILE, "keras-model": KERAS_MODEL_FILE}
+HeadFormat = Literal["skops", "keras", "keras-model"]
+IMAGES_PER_CALL = 32  # a whole network's predict batch: images are far larger than feature rows
 METADATA_FILE = "bundle.json"
 _PREVIOUS_EXTRACTION_FIELDS = ("backbone", "weights_source", "image_size", "pooling", "precision", "preprocessing",
                                "feature_dtype")
@@ -61,7 +66,9 @@ class BundleMetadata(BaseModel):
     feature_dim: int
     class_names: list[str]
     head: str
-    head_format: Literal["skops", "keras"] = Field(default="skops", description="How the head file is stored.")
+    head_format: HeadFormat = Field(
+        default="skops",
+        description="How the head file is stored; keras-model: the whole network, preprocessed image in.")
     head_params: dict[str, Any] = Field(default_factory=dict)
     store_fingerprint: str
     stage_key: str = Field(default="", description="Cache key of the training that made this bundle.")
@@ -69,6 +76,11 @@ class BundleMetadata(BaseModel):
     head_sha256: str = ""
     created: str = ""
     library_versions: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def whole_model(self) -> bool:
+        """The head is the whole network: it reads preprocessed images, not the store's features."""
+        return self.head_format == "keras-model"
 
     @model_validator(mode="before")
     @classmethod
@@ -103,12 +115,14 @@ class ModelBundle(BaseModel):
 class KerasHead:
     """A Keras classifier seen as a scikit-learn one: predict (class indices) and predict_proba."""
 
-    def __init__(self, model: Any, sha256: str):
+    def __init__(self, model: Any, sha256: str, batch_size: int = 1024):
         self.model = model
         self.sha256_ = sha256  # what the registry fingerprints (trailing underscore: a fitted attribute)
+        self.batch_size = batch_size
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model.predict(np.asarray(features, np.float32), verbose=0, batch_size=1024))
+        """Features (or, for a whole network, preprocessed images) → class probabilities."""
+        return np.asarray(self.model.predict(np.asarray(features, np.float32), verbose=0, batch_size=self.batch_size))
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return np.argmax(self.predict_proba(features), axis=1)
@@ -135,10 +149,14 @@ def save_bundle(directory: Path, head: Any, bundle_metadata: BundleMetadata, *, 
     if directory.exists() and not overwrite:
         raise OutputExistsError(f"Model bundle {directory} already exists (pass --overwrite to replace it)")
     head_format = "keras" if _is_keras_model(head) else "skops"
+    if bundle_metadata.head_format == "keras-model":
+        if head_format != "keras":
+            raise BundleError(f"A keras-model bundle holds a Keras model, got {type(head).__name__}")
+        head_format = "keras-model"
     with atomic_path(directory, overwrite=overwrite, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
         head_file = tmp / HEAD_FILES[head_format]
-        if head_format == "keras":
+        if head_format != "skops":
             head.save(head_file)
         else:
             import skops.io as sio  # deferred: it imports scikit-learn's whole type registry (seconds)
@@ -173,8 +191,9 @@ def load_head(bundle: ModelBundle) -> Any:
     digest = hashlib.sha256(payload).hexdigest()
     if digest != bundle.metadata.head_sha256:
         raise BundleError(f"{source} does not match the hash recorded in {METADATA_FILE}: refusing to load it")
-    if bundle.metadata.head_format == "keras":
-        return KerasHead(_load_keras(payload, source), digest)
+    if bundle.metadata.head_format != "skops":
+        return KerasHead(_load_keras(payload, source), digest,
+                         IMAGES_PER_CALL if bundle.metadata.whole_model else 1024)
     import skops.io as sio
 
     allowed = _skops_types(payload, source)
@@ -232,7 +251,7 @@ def _load_keras(payload: bytes, source: Path) -> Any:
     import keras
 
     with tempfile.TemporaryDirectory(prefix="transfer-flow-head-") as folder:
-        copy = Path(folder) / KERAS_HEAD_FILE
+        copy = Path(folder) / source.name
         copy.write_bytes(payload)
         try:
             return keras.saving.load_model(copy, compile=False, safe_mode=True)

@@ -90,8 +90,10 @@ def confusion_png(class_names: list[str], confusion: list[list[int]]) -> bytes:
 
 
 def curves_png(history: dict[str, list[float]]) -> bytes | None:
-    """Loss and accuracy per epoch, train and validation side by side; None without a history."""
+    """Loss and accuracy per epoch, train and validation side by side; None without a history. A history of two
+    phases (finetune: the head alone, then the backbone's top with it) marks where the second begins."""
     panels = [name for name in ("loss", "accuracy") if history.get(name)]
+    second_phase = (history.get("fine_tuning_from_epoch") or [None])[0]
     if not panels:
         return None
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
@@ -100,6 +102,8 @@ def curves_png(history: dict[str, list[float]]) -> bytes | None:
         ax.plot(epochs, history[name], label="train")
         if history.get(f"val_{name}"):
             ax.plot(epochs, history[f"val_{name}"], label="validation")
+        if second_phase is not None:
+            ax.axvline(second_phase - 0.5, color="grey", linestyle="--", label="fine-tuning starts")
         ax.set_xlabel("epoch")
         ax.set_title(name)
         ax.grid(alpha=0.3)

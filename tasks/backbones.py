@@ -37,6 +37,8 @@ class BackboneSpec:
     total_stride: int  # the feature map is ceil(size / total_stride) on each side
     preprocessing: str  # recorded in the store and bundle; `preprocess` implements it
     default_precision: Precision  # fastest measured on this project's CPU; see BENCHMARKS.md
+    # --head finetune: how many of the backbone's top layers (counted from its output) train by default
+    finetune_layers: int
     build_base: Callable[[tuple[int, int, int], str | None], object]  # (input_shape, weights file) -> keras.Model
     preprocess: Callable[[np.ndarray], np.ndarray]
     cached_weights: Callable[[], Path | None]  # ImageNet weights already in the Keras cache
@@ -74,7 +76,7 @@ def _keras_preprocess(module: str) -> Callable[[np.ndarray], np.ndarray]:
 
 def _keras_spec(
     name: str, module: str, constructor: str, *, native: int, min_size: int, channels: int, stride: int,
-    preprocessing: str, weights_file: str, precision: Precision,
+    preprocessing: str, weights_file: str, precision: Precision, finetune_layers: int,
 ) -> BackboneSpec:
     def cached() -> Path | None:
         path = keras_cache_dir() / weights_file
@@ -82,7 +84,8 @@ def _keras_spec(
 
     return BackboneSpec(
         name=name, native_size=native, min_size=min_size, channels=channels, total_stride=stride,
-        preprocessing=preprocessing, default_precision=precision, build_base=_keras_app(module, constructor),
+        preprocessing=preprocessing, default_precision=precision, finetune_layers=finetune_layers,
+        build_base=_keras_app(module, constructor),
         preprocess=_keras_preprocess(module), cached_weights=cached, download_file=weights_file,
     )
 
@@ -95,6 +98,7 @@ def _lite_spec(variant: str) -> BackboneSpec:
         name=f"efficientnet_{variant}", native_size=efficientnet_lite.NATIVE_SIZE[variant], min_size=32,
         channels=efficientnet_lite.FEATURE_CHANNELS[variant], total_stride=32,
         preprocessing="lite: (x - 127) / 128 on RGB", default_precision="float32", build_base=build,
+        finetune_layers=100,  # Lite0: blocks 5-15 and the head conv (of 149 layers); measured on digits, BENCHMARKS.md
         preprocess=efficientnet_lite.preprocess_input,
         cached_weights=lambda: efficientnet_lite.cached_conversion(variant),
         offline_weights=lambda: efficientnet_lite.converted_weights(variant),
@@ -111,23 +115,25 @@ BACKBONES: dict[str, BackboneSpec] = {
     for spec in (
         _keras_spec("vgg16", "vgg16", "VGG16", native=224, min_size=32, channels=512, stride=32,
                     preprocessing=_CAFFE, weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                    precision="bfloat16"),
+                    precision="bfloat16", finetune_layers=4),  # block5: three convolutions and its pooling
         _keras_spec("resnet50", "resnet50", "ResNet50", native=224, min_size=32, channels=2048, stride=32,
                     preprocessing=_CAFFE, weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                    precision="bfloat16"),
+                    precision="bfloat16", finetune_layers=33),  # conv5_block2 and conv5_block3
         _keras_spec("mobilenet_v2", "mobilenet_v2", "MobileNetV2", native=224, min_size=32, channels=1280,
                     stride=32, preprocessing=_TF,
                     weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-                    precision="float32"),
+                    precision="float32", finetune_layers=50),  # blocks 12-16 and Conv_1
         _keras_spec("efficientnet_b0", "efficientnet", "EfficientNetB0", native=224, min_size=32, channels=1280,
                     stride=32, preprocessing="none: the model rescales and normalises inside",
-                    weights_file="efficientnetb0_notop.h5", precision="float32"),
+                    weights_file="efficientnetb0_notop.h5", precision="float32",
+                    finetune_layers=75),  # blocks 6a-7a and top_conv
         _keras_spec("inception_v3", "inception_v3", "InceptionV3", native=299, min_size=75, channels=2048,
                     stride=32, preprocessing=_TF,
-                    weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", precision="bfloat16"),
+                    weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", precision="bfloat16",
+                    finetune_layers=63),  # the last two mixed blocks
         _keras_spec("xception", "xception", "Xception", native=299, min_size=71, channels=2048, stride=32,
                     preprocessing=_TF, weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                    precision="bfloat16"),
+                    precision="bfloat16", finetune_layers=16),  # block14 (separable convolutions) and the exit
         *(_lite_spec(variant) for variant in efficientnet_lite.VARIANTS),
     )
 }
@@ -191,6 +197,19 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
                                       "or pass --weights PATH (or --weights none for random init)")
     # Named for where the download lands, so the next run (then a cache hit) has the same identity.
     return ResolvedWeights(source="download", file=str(keras_cache_dir() / spec.download_file))
+
+
+def recorded_weights(recorded: WeightsRecord, owner: str) -> ResolvedWeights:
+    """The weights a store or bundle records, rebuilt to load again; refused when their file is gone."""
+    try:
+        weights = ResolvedWeights.model_validate(recorded.model_dump())
+    except ValueError:
+        raise SettingsError(f"{owner} records weights {recorded.describe()!r}, "
+                            "which this version cannot rebuild") from None
+    if weights.file and weights.source != "download" and not Path(weights.file).is_file():
+        raise WeightsUnavailableError(f"The weights {owner} was made with ({weights.file}) are not on this machine: "
+                                      "copy them there")
+    return weights
 
 
 def weights_available_offline(spec: BackboneSpec) -> str | None:
@@ -284,6 +303,18 @@ def build_feature_map_model(spec: BackboneSpec, *, image_size: int, precision: P
         base = _checked_base(spec, image_size, weights)
         feature_map = keras.layers.Activation("linear", dtype="float32", name=FEATURE_MAP_LAYER)(base.output)
         return keras.Model(base.input, feature_map, name=f"{spec.name}_map")
+
+
+_FEATURE_LAYERS = ("flatten_features", "avg_pool_features", "max_pool_features", "features")
+
+
+def backbone_layers(feature_model) -> list:
+    """The backbone's own layers in a `build_feature_model` model, input side first: no input, pooling or output
+    layer (what `--unfreeze N` counts from the top)."""
+    import keras
+
+    return [layer for layer in feature_model.layers
+            if layer.name not in _FEATURE_LAYERS and not isinstance(layer, keras.layers.InputLayer)]
 
 
 def _build_base(spec: BackboneSpec, input_shape: tuple[int, int, int], weights: ResolvedWeights) -> object:

@@ -1,4 +1,7 @@
-"""Evaluation: a trained bundle on the store's test rows → metrics and a confusion matrix."""
+"""Evaluation: a trained bundle on the store's test rows → metrics and a confusion matrix.
+
+A head on features reads the test rows' stored features; a fine-tuned network (a `keras-model` bundle) reads the
+test images themselves, decoded the way extraction decoded them."""
 from __future__ import annotations
 
 import time
@@ -16,6 +19,7 @@ from transfer_flow.storage.report_metrics import Baselines, GalleryImage, Miscla
 from transfer_flow.tasks.baselines import accuracy_interval, baselines
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decode_image
+from transfer_flow.tasks.prediction import image_probabilities
 from transfer_flow.tasks.training import CLASSIC_C_GRID
 
 GALLERY_IMAGES = 48  # misclassified images kept for the report, most confident mistakes first
@@ -80,7 +84,11 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
     if len(rows) == 0:
         raise DatasetError("No test images left to evaluate on (all unreadable?)")
     truth = contents.labels[rows]
-    probabilities = class_probabilities(load_head(bundle), read_features(store, rows))
+    root = Path(store.attrs.get("dataset_root", ""))
+    if bundle.metadata.whole_model:
+        probabilities = image_probabilities(bundle, root, [contents.paths[i] for i in rows])
+    else:
+        probabilities = class_probabilities(load_head(bundle), read_features(store, rows))
     predicted = np.argmax(probabilities, axis=1)
     names = bundle.metadata.class_names
     wrong = np.flatnonzero(predicted != truth)
@@ -93,7 +101,7 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
     # The baselines see the images themselves: augmented views would only repeat their paths.
     train_rows = np.flatnonzero(np.isin(np.asarray(contents.split), ["train", "val"]) & (contents.view == 0))
     params = bundle.metadata.head_params
-    compared = baselines(Path(store.attrs.get("dataset_root", "")), [contents.paths[i] for i in train_rows],
+    compared = baselines(root, [contents.paths[i] for i in train_rows],
                          contents.labels[train_rows], [contents.paths[i] for i in rows], truth,
                          params.get("c_grid") or CLASSIC_C_GRID, int(params.get("seed", 42)))
     indices = list(range(len(names)))

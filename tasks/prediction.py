@@ -2,20 +2,21 @@
 
 The bundle records the backbone, weights, image size, pooling, compute precision and storage precision
 of the features it was trained on; the extractor is rebuilt from exactly those, and the backbone owns
-its preprocessing, so new images reach the head the way the training images did.
+its preprocessing, so new images reach the head the way the training images did. A fine-tuned bundle
+(`keras-model`) is the whole network: images are decoded and preprocessed the same way and go straight in.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from transfer_flow.storage.errors import BundleError, DatasetError, WeightsUnavailableError
+from transfer_flow.storage.errors import BundleError, DatasetError
 from transfer_flow.storage.model_bundle import ModelBundle, load_bundle, load_head
-from transfer_flow.tasks.backbones import ResolvedWeights, get_backbone
+from transfer_flow.tasks.backbones import get_backbone, recorded_weights
 from transfer_flow.tasks.extraction import ExtractionSettings, FeatureExtractor
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decoded_batches
@@ -101,59 +102,76 @@ def _inside(real_root: Path, path: Path) -> bool:
     return real.is_relative_to(real_root)
 
 
-def _weights_of(bundle: ModelBundle) -> ResolvedWeights:
-    """The weights the bundle's features came from, as its extraction record keeps them."""
-    recorded = bundle.metadata.extraction.weights
-    try:
-        weights = ResolvedWeights.model_validate(recorded.model_dump())
-    except ValueError:
-        raise BundleError(f"Bundle {bundle.path} records weights {recorded.describe()!r}, "
-                          "which this version cannot rebuild") from None
-    if weights.file and weights.source != "download" and not Path(weights.file).is_file():
-        raise WeightsUnavailableError(f"The weights bundle {bundle.path} was trained with ({weights.file}) "
-                                      "are not on this machine: copy them there to predict with it")
-    return weights
+def _backbone_of(bundle: ModelBundle):
+    record = bundle.metadata.extraction
+    spec = get_backbone(record.backbone)
+    if spec.preprocessing != record.preprocessing:
+        raise BundleError(f"Bundle {bundle.path} was trained with {record.preprocessing} preprocessing, but "
+                          f"{record.backbone} here uses {spec.preprocessing}")
+    return spec
 
 
 def bundle_extractor(bundle: ModelBundle, batch_size: int = 32) -> FeatureExtractor:
     """The feature extractor the bundle's training features came from."""
     meta, record = bundle.metadata, bundle.metadata.extraction
-    spec = get_backbone(record.backbone)
-    if spec.preprocessing != record.preprocessing:
-        raise BundleError(f"Bundle {bundle.path} was trained with {record.preprocessing} preprocessing, but "
-                          f"{record.backbone} here uses {spec.preprocessing}")
+    _backbone_of(bundle)  # refuses a backbone whose preprocessing changed
     settings = ExtractionSettings(backbone=record.backbone, image_size=record.image_size, pooling=record.pooling,
                                   precision=record.precision, batch_size=batch_size,
                                   feature_dtype=record.feature_dtype)
-    extractor = FeatureExtractor(settings, _weights_of(bundle))
+    extractor = FeatureExtractor(settings, recorded_weights(record.weights, f"Bundle {bundle.path}"))
     if extractor.feature_dim != meta.feature_dim:
         raise BundleError(f"Bundle {bundle.path} expects {meta.feature_dim}-d features, {record.backbone} with "
                           f"{record.pooling} pooling at {record.image_size} px gives {extractor.feature_dim}-d")
     return extractor
 
 
+def image_classifier(bundle: ModelBundle, batch_size: int = 32) -> Callable[[np.ndarray], np.ndarray]:
+    """Decoded uint8 images (n, size, size, 3) at the bundle's image size → class probabilities (n, classes)."""
+    head = load_head(bundle)
+    if bundle.metadata.whole_model:  # the fine-tuned network: preprocessed images in
+        preprocess = _backbone_of(bundle).preprocess
+        return lambda images: class_probabilities(head, preprocess(images))
+    extractor = bundle_extractor(bundle, batch_size)
+    dtype = np.dtype(bundle.metadata.extraction.feature_dtype)
+    # Round through the store's dtype: the head saw features stored that way.
+    return lambda images: class_probabilities(head, extractor(images).astype(dtype).astype(np.float32))
+
+
 def predict_images(bundle: ModelBundle, paths: Sequence[str], *, top_k: int = 3, batch_size: int = 32,
                    decode_threads: int | None = None) -> list[PredictionRow]:
     """One row per path, in order; a file that cannot be decoded gets its reason in `error`, never an exception."""
-    extractor = bundle_extractor(bundle, batch_size)
-    head = load_head(bundle)
+    classify = image_classifier(bundle, batch_size)
+    image_size = bundle.metadata.extraction.image_size
     names = bundle.metadata.class_names
-    dtype = np.dtype(bundle.metadata.extraction.feature_dtype)
     k = min(top_k, len(names))
     rows: list[PredictionRow] = []
     # The decode-ahead pipeline extraction uses: threads decode two batches ahead of the backbone.
     for start, decoded in zip(range(0, len(paths), batch_size),
-                              decoded_batches(paths, extractor.image_size, batch_size, threads=decode_threads)):
+                              decoded_batches(paths, image_size, batch_size, threads=decode_threads)):
         batch = paths[start:start + batch_size]
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         by_index: dict[int, PredictionRow] = {}
         if good:
-            # Round through the store's dtype: the head saw features stored that way.
-            features = extractor(np.stack([decoded[i] for i in good])).astype(dtype).astype(np.float32)
-            probabilities = class_probabilities(head, features)
+            probabilities = classify(np.stack([decoded[i] for i in good]))
             order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
             for row, i in enumerate(good):
                 by_index[i] = PredictionRow(path=batch[i], labels=[names[c] for c in order[row]],
                                             confidences=[float(probabilities[row, c]) for c in order[row]])
         rows += [by_index.get(i) or PredictionRow(path=path, error=decoded[i]) for i, path in enumerate(batch)]
     return rows
+
+
+def image_probabilities(bundle: ModelBundle, root: Path, paths: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """Class probabilities of dataset images (`paths` relative to `root`) read again from disk, for evaluating a
+    fine-tuned bundle; an image that cannot be decoded now (it was when its row was extracted) is an error."""
+    classify = image_classifier(bundle, batch_size)
+    image_size = bundle.metadata.extraction.image_size
+    out = []
+    for start, decoded in zip(range(0, len(paths), batch_size),
+                              decoded_batches([Path(root) / p for p in paths], image_size, batch_size)):
+        failed = [(paths[start + i], d) for i, d in enumerate(decoded) if isinstance(d, str)]
+        if failed:
+            raise DatasetError(f"{failed[0][0]} can no longer be decoded ({failed[0][1]}): it changed since "
+                               "extraction; run the same command again")
+        out.append(classify(np.stack(decoded)))
+    return np.concatenate(out) if out else np.empty((0, len(bundle.metadata.class_names)))

@@ -4,7 +4,8 @@ The honest comparison scores both heads on the same images, unseen by either: th
 test rows minus any row the champion was trained on. That needs the champion's head to read the
 challenger's features, which holds only when both came from the same feature extractor (backbone,
 the same pretrained weights, input size, pooling, precision, preprocessing) and the same classes.
-Otherwise the rule falls back to the scores each recorded on its own test split, and says so.
+Otherwise the rule falls back to the scores each recorded on its own test split, and says so. A fine-tuned
+champion (a whole network, image in) reads the test images themselves, so only the classes need to agree.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from transfer_flow.storage.registry import (
 from transfer_flow.storage.report_metrics import read_metrics
 from transfer_flow.storage.run_summary import RunSummary
 from transfer_flow.tasks.logs import stage_logger
+from transfer_flow.tasks.prediction import image_probabilities
 
 
 class Scores(BaseModel):
@@ -69,6 +71,8 @@ def _weights_identity(weights: WeightsRecord) -> str | None:
 def why_not_comparable(champion: BundleMetadata, challenger: BundleMetadata) -> str | None:
     """Why the champion's head cannot be scored on the challenger's features (None: it can)."""
     old, new = champion.extraction, challenger.extraction
+    if champion.whole_model:  # it reads the images, whatever features the challenger's store holds
+        return _classes_differ(champion, challenger)
     if _weights_identity(old.weights) is None or _weights_identity(new.weights) is None:
         return "random-init weights (--weights none) give different features in every run"
     for field in ("backbone", "image_size", "pooling", "precision", "preprocessing"):
@@ -79,9 +83,21 @@ def why_not_comparable(champion: BundleMetadata, challenger: BundleMetadata) -> 
         return f"the feature extractors differ (feature_dim: {champion.feature_dim} vs {challenger.feature_dim})"
     if _weights_identity(old.weights) != _weights_identity(new.weights):
         return f"the pretrained weights differ ({old.weights.describe()} vs {new.weights.describe()})"
+    return _classes_differ(champion, challenger)
+
+
+def _classes_differ(champion: BundleMetadata, challenger: BundleMetadata) -> str | None:
     if champion.class_names != challenger.class_names:
         return f"the classes differ ({', '.join(champion.class_names)} vs {', '.join(challenger.class_names)})"
     return None
+
+
+def predicted_labels(bundle: ModelBundle, store: FeatureStore, paths: list[str], rows: np.ndarray) -> np.ndarray:
+    """The bundle's labels for the store's `rows`: from their features, or (a fine-tuned network) their images."""
+    if bundle.metadata.whole_model:
+        return np.argmax(image_probabilities(bundle, Path(store.attrs.get("dataset_root", "")),
+                                             [paths[i] for i in rows]), axis=1)
+    return load_head(bundle).predict(read_features(store, rows))
 
 
 def score(predicted: np.ndarray, truth: np.ndarray, metric: Metric, n_classes: int) -> float:
@@ -103,13 +119,14 @@ def compare(challenger: VersionEntry, challenger_bundle: ModelBundle, store: Fea
         identities = _identities(contents)
         rows = np.array([i for i in test if identities[i] not in champion_train_rows], dtype=np.int64)
         if len(rows):
-            features = read_features(store, rows)
             truth = contents.labels[rows]
             n_classes = len(challenger_bundle.metadata.class_names)
             left_out = len(test) - len(rows)
             return Scores(
-                challenger=score(load_head(challenger_bundle).predict(features), truth, metric, n_classes),
-                champion=score(load_head(champion_bundle).predict(features), truth, metric, n_classes),
+                challenger=score(predicted_labels(challenger_bundle, store, contents.paths, rows), truth, metric,
+                                 n_classes),
+                champion=score(predicted_labels(champion_bundle, store, contents.paths, rows), truth, metric,
+                               n_classes),
                 basis="same-test-rows", n_rows=len(rows),
                 note=f"{left_out} of this run's {len(test)} test rows left out: the champion was trained on them"
                 if left_out else "")

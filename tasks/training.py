@@ -18,7 +18,7 @@ from transfer_flow.storage.feature_store import (
 )
 from transfer_flow.storage.model_bundle import BundleMetadata, ModelBundle, head_matches, load_bundle, save_bundle
 from transfer_flow.tasks.backbones import get_backbone
-from transfer_flow.tasks.heads import HEADS, HeadInputs, HeadName, heads_help
+from transfer_flow.tasks.heads import HEADS, HeadInputs, HeadName, TrainingImages, heads_help
 
 CLASSIC_C_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]  # the classic recipe's grid
 
@@ -44,23 +44,48 @@ class TrainingSettings(BaseModel):
     sgd_block_rows: int | None = Field(
         default=None, ge=1, description="sgd: rows read at a time; empty: the store's chunk rows."
     )
-    epochs: int = Field(default=100, ge=1, description="dense: most epochs (early stopping usually ends sooner).")
+    epochs: int | None = Field(
+        default=None, ge=1,
+        description="Most epochs of a head trained by epochs (early stopping usually ends sooner); empty: the head's "
+        "default (dense, gap: 100; finetune: 20 of fine-tuning, after its head's own training on the features).",
+    )
     patience: int = Field(
-        default=8, ge=1, description="dense: epochs without a better validation loss before stopping."
+        default=8, ge=1, description="dense, gap, finetune: epochs without a better validation loss before stopping."
     )
     validation_fraction: float = Field(
         default=0.2,
         gt=0,
         lt=1,
-        description="dense: share of train carved off for early stopping (when no val/ folder).",
+        description="dense, gap, finetune: share of train carved off for early stopping (when no val/ folder).",
     )
-    dense_batch_size: int = Field(default=32, ge=1, description="dense: rows per gradient step.")
-    learning_rate: float = Field(default=1e-3, gt=0, description="dense: Adam's learning rate.")
+    dense_batch_size: int = Field(default=32, ge=1, description="dense, gap, finetune: rows per gradient step.")
+    learning_rate: float | None = Field(
+        default=None, gt=0,
+        description="Adam's learning rate of a head trained by epochs; empty: the head's default (dense, gap: 0.001; "
+        "finetune: 0.0001 for the backbone's top layers with the head).",
+    )
+    unfreeze: int | None = Field(
+        default=None, ge=0,
+        description="finetune: the backbone's top layers trained with the head (BatchNormalization layers stay "
+        "frozen); empty: the backbone's default (efficientnet_lite*: 100, vgg16: 4, resnet50: 33, mobilenet_v2: 50, "
+        "efficientnet_b0: 75, inception_v3: 63, xception: 16).",
+    )
+    flip: bool = Field(
+        default=False,
+        description="finetune: also mirror training images left-right on the fly (photos; not digits or text, "
+        "where a mirrored symbol is another one).",
+    )
+
+    def resolved(self) -> TrainingSettings:
+        """These settings with the head's own defaults where none was given (what its fit receives)."""
+        spec = HEADS[self.head]
+        return self.model_copy(update={"epochs": self.epochs or spec.epochs,
+                                       "learning_rate": self.learning_rate or spec.learning_rate})
 
     def head_settings(self) -> dict:
         """The settings that decide this head (what the stage key and the bundle record)."""
-        own = HEADS[self.head].settings
-        return {"head": self.head, "seed": self.seed, **{name: getattr(self, name) for name in own}}
+        own, resolved = HEADS[self.head].settings, self.resolved()
+        return {"head": self.head, "seed": self.seed, **{name: getattr(resolved, name) for name in own}}
 
 
 class TrainingResult(BaseModel):
@@ -69,7 +94,8 @@ class TrainingResult(BaseModel):
     best_params: dict[str, float]
     cv_score: float
     score_name: str = "cv accuracy"
-    history: dict[str, list[float]] = Field(default_factory=dict, description="Per-epoch curves (dense head).")
+    history: dict[str, list[float]] = Field(default_factory=dict,
+                                            description="Per-epoch curves (dense, gap; finetune: both phases).")
     fit_seconds: float = Field(
         default=0.0, description="How long the fit took when the bundle was made (also when reused)."
     )
@@ -142,9 +168,12 @@ def train_head(
     inputs = HeadInputs(rows=rows, labels=labels, is_val=is_val, n_classes=len(contents.label_names),
                         read=lambda some: read_features(store, some),
                         block_rows=settings.sgd_block_rows or rows_per_chunk(store.feature_dim),
-                        map_shape=feature_map_shape(store, spec.name) if spec.needs_pooling == "flatten" else None)
+                        map_shape=feature_map_shape(store, spec.name) if spec.needs_pooling == "flatten" else None,
+                        images=TrainingImages(root=Path(store.attrs.get("dataset_root", "")),
+                                              paths=[contents.paths[i] for i in rows], views=contents.view[rows],
+                                              extraction=record) if spec.reads_images else None)
     fit_started = time.perf_counter()
-    head, summary = spec.fit(inputs, settings)
+    head, summary = spec.fit(inputs, settings.resolved())
     bundle = save_bundle(bundle_dir, head, BundleMetadata(
         extraction=record, feature_dim=store.feature_dim, class_names=contents.label_names,
         head=settings.head, head_format=spec.head_format,

@@ -3,8 +3,9 @@ probabilities from any of them.
 
 `HEADS` is the single source of head names: the settings' `HeadName`, the CLI's choices and help, compare,
 training's dispatch and the bundle all read it. Adding a head is one `HeadSpec` entry below plus the
-module with its fit (which takes `HeadInputs` and the TrainingSettings and returns the fitted head and
-a summary: best_params, cv_score, score_name, and history for heads trained by epochs).
+module with its fit (which takes `HeadInputs` and the TrainingSettings, its `epochs` and `learning_rate`
+filled with the head's defaults, and returns the fitted head and a summary: best_params, cv_score,
+score_name, and history for heads trained by epochs).
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import numpy as np
 
 from transfer_flow.storage.errors import SettingsError
 from transfer_flow.tasks.backbones import Pooling
-from transfer_flow.tasks.heads.inputs import HeadInputs
+from transfer_flow.tasks.heads.finetune import fit_finetune
+from transfer_flow.tasks.heads.inputs import HeadInputs, TrainingImages
 from transfer_flow.tasks.heads.keras_heads import fit_dense, fit_gap
 from transfer_flow.tasks.heads.linear import fit_linear_svm, fit_logreg
 from transfer_flow.tasks.heads.sgd import fit_sgd
 
-__all__ = ["HEADS", "HeadInputs", "HeadName", "HeadSpec", "class_probabilities", "get_head", "heads_help"]
+__all__ = ["HEADS", "HeadInputs", "HeadName", "HeadSpec", "TrainingImages", "class_probabilities", "get_head",
+           "heads_help"]
 
 
 @dataclass(frozen=True)
@@ -32,15 +35,20 @@ class HeadSpec:
     description: str  # one line, for --help and the docs
     fit: Callable[[HeadInputs, Any], tuple[object, dict]]  # (train rows, TrainingSettings) -> (head, summary)
     settings: tuple[str, ...]  # the TrainingSettings fields that decide it: its stage key and bundle record them
-    # How the bundle stores it: skops (scikit-learn types only) or keras (.keras, loaded with safe_mode);
+    # How the bundle stores it: skops (scikit-learn types only), keras (a head on features, .keras loaded with
+    # safe_mode) or keras-model (the whole network, image in, probabilities out; .keras too);
     # storage/model_bundle.py saves and loads each format.
-    head_format: Literal["skops", "keras"]
+    head_format: Literal["skops", "keras", "keras-model"]
     needs_pooling: Pooling | None = None  # the store's pooling the head requires (None: any)
     reads_in_blocks: bool = False  # streams the store in blocks instead of loading the train rows at once
+    reads_images: bool = False  # trains on the images too (HeadInputs.images), not only on the stored features
+    epochs: int | None = None  # the head's default for TrainingSettings.epochs (heads trained by epochs)
+    learning_rate: float | None = None  # the head's default for TrainingSettings.learning_rate
 
 
 _C_SEARCH = ("c_grid", "cv_folds", "max_iter")
 _EPOCHS = ("epochs", "patience", "validation_fraction", "dense_batch_size", "learning_rate")
+_FINETUNE = (*_EPOCHS, "unfreeze", "flip")
 
 HEADS: dict[str, HeadSpec] = {
     spec.name: spec
@@ -51,9 +59,13 @@ HEADS: dict[str, HeadSpec] = {
         HeadSpec("sgd", "logistic loss by SGD out of core: reads the store in blocks, for stores larger than memory",
                  fit_sgd, ("sgd_alpha", "sgd_epochs", "sgd_block_rows"), "skops", reads_in_blocks=True),
         HeadSpec("dense", "Keras Dense 256 + Dropout 0.5, early stopping on validation loss", fit_dense, _EPOCHS,
-                 "keras"),
+                 "keras", epochs=100, learning_rate=1e-3),
         HeadSpec("gap", "Keras global average pooling over the unpooled map inside the head (needs pooling flatten)",
-                 fit_gap, _EPOCHS, "keras", needs_pooling="flatten"),
+                 fit_gap, _EPOCHS, "keras", needs_pooling="flatten", epochs=100, learning_rate=1e-3),
+        HeadSpec("finetune", "a linear head on the frozen features, then the top --unfreeze layers of the backbone "
+                 "trained with it on the augmented training images at a low learning rate (the whole network is "
+                 "the model)", fit_finetune, _FINETUNE, "keras-model", reads_images=True, epochs=20,
+                 learning_rate=1e-4),
     )
 }
 

@@ -7,7 +7,7 @@ from transfer_flow.tasks.heads.inputs import HeadInputs
 from transfer_flow.tasks.heads.standardise import floored_std
 
 
-def _carve_validation(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def carve_validation(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A stratified validation mask of about `fraction` of the rows, at least one row per class."""
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(labels), bool)
@@ -17,7 +17,7 @@ def _carve_validation(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
     return mask
 
 
-def _standardise(columns: np.ndarray, name: str):
+def standardise(columns: np.ndarray, name: str):
     """A Normalization layer with the train rows' means and floored deviations (see standardise.py), fixed
     in the saved model rather than adapted (adapt would divide a near-constant column by ~1e-7)."""
     import keras
@@ -32,7 +32,7 @@ def _fit_keras(build, features, labels, is_val, settings) -> tuple[object, dict]
     import keras
 
     keras.utils.set_random_seed(settings.seed)
-    val = is_val if is_val.any() else _carve_validation(labels, settings.validation_fraction, settings.seed)
+    val = is_val if is_val.any() else carve_validation(labels, settings.validation_fraction, settings.seed)
     model = build(features[~val])
     model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -54,7 +54,7 @@ def fit_dense(data: HeadInputs, settings) -> tuple[object, dict]:
 
     def build(train: np.ndarray):
         inputs = keras.Input((features.shape[1],), name="features")
-        hidden = keras.layers.Dense(256, activation="relu", name="hidden")(_standardise(train, "standardise")(inputs))
+        hidden = keras.layers.Dense(256, activation="relu", name="hidden")(standardise(train, "standardise")(inputs))
         hidden = keras.layers.Dropout(0.5, name="dropout")(hidden)
         outputs = keras.layers.Dense(data.n_classes, activation="softmax", name="classes")(hidden)
         return keras.Model(inputs, outputs, name="dense_head")
@@ -74,7 +74,7 @@ def fit_gap(data: HeadInputs, settings) -> tuple[object, dict]:
         pooled_train = train.reshape(len(train), *map_shape).mean(axis=(1, 2))
         inputs = keras.Input((features.shape[1],), name="feature_map")
         pooled = keras.layers.GlobalAveragePooling2D(name="gap")(keras.layers.Reshape(map_shape, name="map")(inputs))
-        hidden = keras.layers.Dropout(0.5, name="dropout")(_standardise(pooled_train, "standardise")(pooled))
+        hidden = keras.layers.Dropout(0.5, name="dropout")(standardise(pooled_train, "standardise")(pooled))
         outputs = keras.layers.Dense(data.n_classes, activation="softmax", name="classes")(hidden)
         return keras.Model(inputs, outputs, name="gap_head")
 

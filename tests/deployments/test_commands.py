@@ -103,6 +103,7 @@ SERVE_PIPELINE_VALUES = {
     "backbone": "mobilenet_v2", "weights": "none", "image_size": 48, "pooling": "max", "precision": "float32",
     "batch_size": 7, "feature_dtype": "float16", "head": "linear-svm", "store": "zarr", "test_size": 0.3, "seed": 7,
     "refresh": ["train"], "workers": 2, "dask_address": "tcp://127.0.0.1:8786", "shard_images": 64, "augment": 2,
+    "epochs": 3, "learning_rate": 0.0005, "unfreeze": 10, "flip": True,
 }
 
 
