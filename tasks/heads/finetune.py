@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 
 import numpy as np
 
@@ -80,11 +81,14 @@ def fit_finetune(data: HeadInputs, settings) -> tuple[object, dict]:
     val = image_batches([images.paths[i] for i in val_idx], data.labels[val_idx], seed=None, **batches)
     start_loss, start_accuracy = _evaluate(model, val)
     start_weights = model.get_weights()
+    started = time.perf_counter()
     second = trainer.fit(train, validation_data=val, epochs=settings.epochs, verbose=0,
                          callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
                                                                   restore_best_weights=True),
                                     epoch_progress("finetune", settings.epochs)])
     tuned_history = _curves(second.history)
+    seconds = time.perf_counter() - started  # training and validation images, decoding included
+    images_per_second = (len(train_idx) + len(val_idx)) * len(tuned_history["loss"]) / seconds
     best = int(np.argmin(tuned_history["val_loss"]))
     if tuned_history["val_loss"][best] > start_loss:  # fine-tuning never beat the phase-1 model: keep that
         model.set_weights(start_weights)
@@ -95,7 +99,8 @@ def fit_finetune(data: HeadInputs, settings) -> tuple[object, dict]:
     history["fine_tuning_from_epoch"] = [float(len(head_history["loss"]) + 1)]
     return model, {"best_params": {"head_epochs": best_head + 1, "fine_tune_epochs": tuned_epochs,
                                    "unfreeze": len(trainable)},
-                   "cv_score": float(score), "score_name": "val accuracy", "history": history}
+                   "cv_score": float(score), "score_name": "val accuracy", "history": history,
+                   "fine_tune_images_per_second": images_per_second}
 
 
 def _validation_images(data: HeadInputs, images: TrainingImages, settings) -> set[str]:

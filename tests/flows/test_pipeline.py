@@ -131,3 +131,22 @@ def test_augmented_run_trains_on_every_view_and_evaluates_on_test_images_only(pr
     warm = transfer_learning(settings)
     assert warm.cached.model_dump() == {"extract": True, "train": True, "report": True}
     assert (cold.images_extracted, warm.images_extracted, warm.accuracy) == (24, 0, cold.accuracy)
+
+
+def test_finetune_run_reports_both_phases_and_a_warm_rerun_trains_nothing(prefect_api, colour_dataset, tmp_path):
+    # Random-init ResNet50: its features still tell colours apart at 32 px (MobileNetV2's shrink to ~1e-13).
+    settings = PipelineSettings(dataset=str(colour_dataset), output=str(tmp_path / "out"), backbone="resnet50",
+                                weights="none", image_size=32, batch_size=8, head="finetune", epochs=2, unfreeze=12)
+    cold = transfer_learning(settings)
+    model = tmp_path / "out" / "model"
+    bundle = json.loads((model / "bundle.json").read_text())
+    assert bundle["head_format"] == "keras-model" and (model / "model.keras").is_file()
+    history = bundle["training_summary"]["history"]
+    assert len(history["val_loss"]) >= history["fine_tuning_from_epoch"][0] > 1  # both phases' curves
+    assert (tmp_path / "out" / "report" / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    on_disk = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert on_disk["seconds"]["train"] >= bundle["training_summary"]["fit_seconds"]  # both phases
+    warm = transfer_learning(settings)
+    assert warm.cached.model_dump() == {"extract": True, "train": True, "report": True}
+    assert warm.accuracy == cold.accuracy
+    assert json.loads((model / "bundle.json").read_text())["head_sha256"] == bundle["head_sha256"]

@@ -3,6 +3,8 @@
 What it must do: train a whole network (phase 1 on the stored features, phase 2 on the images), change only
 the backbone's top `unfreeze` layers and never a BatchNormalization statistic, save it as one .keras file that
 loads safely and predicts, evaluate on the test images, and train nothing on a warm rerun."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -86,8 +88,7 @@ def test_bundle_holds_the_whole_network_which_round_trips_and_predicts(trained, 
     rows = predict_images(reloaded, paths, top_k=2)
     assert [r.path for r in rows] == paths and not any(r.error for r in rows)
     assert all(r.labels[0] in ("red", "blue") and abs(sum(r.confidences) - 1) < 1e-4 for r in rows)
-    probabilities = image_probabilities(reloaded, dataset, [str(p.relative_to(dataset)) for p in map(
-        __import__("pathlib").Path, paths)])
+    probabilities = image_probabilities(reloaded, dataset, [str(Path(p).relative_to(dataset)) for p in paths])
     assert [r.labels[0] for r in rows] == [meta.class_names[i] for i in probabilities.argmax(axis=1)]
 
 
@@ -134,3 +135,25 @@ def test_a_damaged_model_file_is_refused(trained, tmp_path):
     (copy / KERAS_MODEL_FILE).write_bytes(bytes(payload))
     with pytest.raises(BundleError, match="does not match the hash"):
         load_head(load_bundle(copy))
+
+
+def test_a_fine_tuned_champion_is_scored_on_the_challengers_test_images(trained, store, tmp_path):
+    from transfer_flow.storage.registry import ModelRegistry, PromotionPolicy
+    from transfer_flow.tasks.promotion import decide, row_identities, why_not_comparable
+
+    training, folder = trained
+    probe = train_head(store, tmp_path / "logreg", TrainingSettings(head="logreg"))
+    # A fine-tuned network reads images: any challenger with the same classes can be scored on the same rows.
+    assert why_not_comparable(training.bundle.metadata, probe.bundle.metadata) is None
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    policy = PromotionPolicy(metric="accuracy")
+    train_rows = row_identities(store, ("train", "val"))
+    champion, _ = registry.register(folder, None, dataset="d", run_output="o", metrics={"accuracy": 0.5,
+                                    "macro_f1": 0.5}, n_test=6, train_rows=train_rows)
+    assert decide(registry, champion, store, policy).promoted
+    challenger, _ = registry.register(tmp_path / "logreg", None, dataset="d", run_output="o",
+                                      metrics={"accuracy": 0.5, "macro_f1": 0.5}, n_test=6, train_rows=train_rows)
+    decision = decide(registry, challenger, store, policy)
+    assert decision.basis == "same-test-rows" and decision.n_rows == 6
+    fine_tuned = evaluate_bundle(training.bundle, store, n_train=training.n_train).accuracy
+    assert decision.champion_score == pytest.approx(fine_tuned)
