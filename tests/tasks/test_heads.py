@@ -52,8 +52,9 @@ def test_every_registered_head_is_a_choice_and_is_exercised_here():
 
     assert list(get_args(HeadName)) == list(HEADS)
     assert get_args(PipelineSettings.model_fields["head"].annotation) == get_args(HeadName)
-    assert set(TINY) | {"gap"} == set(HEADS)  # gap: test_gap_head_pools_the_stored_map_and_round_trips
-    assert all(spec.description and spec.head_format in ("skops", "keras") for spec in HEADS.values())
+    # gap: test_gap_head_pools_the_stored_map_and_round_trips; finetune (it trains on images): test_finetune.py
+    assert set(TINY) | {"gap", "finetune"} == set(HEADS)
+    assert all(spec.description and spec.head_format in ("skops", "keras", "keras-model") for spec in HEADS.values())
 
 
 def test_stage_key_names_the_head_and_only_its_own_settings(tmp_path):
