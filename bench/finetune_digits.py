@@ -2,7 +2,7 @@
 """Fine-tuning against the linear probe on digits (issue #14): one store, one split, logreg and finetune.
 
     .venv/bin/python bench/finetune_digits.py [--per-class 100] [--image-size 96] [--epochs N] [--learning-rate F]
-                                             [--unfreeze N]
+                                             [--unfreeze N] [--heads logreg,finetune]
 
 Uses the embedded digits (real handwriting, 8x8 scans shown at 64 px: far from ImageNet) and the offline
 EfficientNet-Lite0 ImageNet weights (the default backbone), and the tasks the pipeline runs (list, hash, split,
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--unfreeze", type=int, default=None)
     parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--heads", default="logreg,finetune", help="comma-separated, trained in this order")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "finetune")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the per-epoch lines
@@ -56,7 +57,7 @@ def main() -> None:
     print(f"{len(manifest.records)} digits, {args.backbone} at {args.image_size} px (ImageNet weights: "
           f"{extraction.weights.describe()})")
     print("head       test accuracy (95% interval)    train s  fine-tuning img/s  best")
-    for head in ("logreg", "finetune"):
+    for head in args.heads.split(","):
         settings = TrainingSettings(head=head, epochs=args.epochs, learning_rate=args.learning_rate,
                                     unfreeze=args.unfreeze)
         training = train_head(extraction.store, out / head, settings)

@@ -199,13 +199,13 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
     return ResolvedWeights(source="download", file=str(keras_cache_dir() / spec.download_file))
 
 
-def recorded_weights(recorded: WeightsRecord, owner: str) -> ResolvedWeights:
-    """The weights a store or bundle records, rebuilt to load again; refused when their file is gone."""
+def recorded_weights(recorded: WeightsRecord, owner: str, unknown: type[Exception]) -> ResolvedWeights:
+    """The weights a store or bundle records, rebuilt to load again; refused when their file is gone, or (as
+    `unknown`: the owner's error) when this version knows no such kind of weights."""
     try:
         weights = ResolvedWeights.model_validate(recorded.model_dump())
     except ValueError:
-        raise SettingsError(f"{owner} records weights {recorded.describe()!r}, "
-                            "which this version cannot rebuild") from None
+        raise unknown(f"{owner} records weights {recorded.describe()!r}, which this version cannot rebuild") from None
     if weights.file and weights.source != "download" and not Path(weights.file).is_file():
         raise WeightsUnavailableError(f"The weights {owner} was made with ({weights.file}) are not on this machine: "
                                       "copy them there")

@@ -118,7 +118,7 @@ def bundle_extractor(bundle: ModelBundle, batch_size: int = 32) -> FeatureExtrac
     settings = ExtractionSettings(backbone=record.backbone, image_size=record.image_size, pooling=record.pooling,
                                   precision=record.precision, batch_size=batch_size,
                                   feature_dtype=record.feature_dtype)
-    extractor = FeatureExtractor(settings, recorded_weights(record.weights, f"Bundle {bundle.path}"))
+    extractor = FeatureExtractor(settings, recorded_weights(record.weights, f"Bundle {bundle.path}", BundleError))
     if extractor.feature_dim != meta.feature_dim:
         raise BundleError(f"Bundle {bundle.path} expects {meta.feature_dim}-d features, {record.backbone} with "
                           f"{record.pooling} pooling at {record.image_size} px gives {extractor.feature_dim}-d")

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from transfer_flow.storage.errors import DatasetError, UnreadableImageError
+from transfer_flow.storage.errors import DatasetError, StoreError, UnreadableImageError
 from transfer_flow.tasks.augmentation import AUGMENT_RECIPE
 from transfer_flow.tasks.backbones import backbone_layers, build_feature_model, get_backbone, recorded_weights
 from transfer_flow.tasks.heads.inputs import HeadInputs, TrainingImages
@@ -64,8 +64,9 @@ def fit_finetune(data: HeadInputs, settings) -> tuple[object, dict]:
 
     # Phase 2: backbone + pooling + that head as one model, its top layers trainable, on the images.
     unfreeze = spec.finetune_layers if settings.unfreeze is None else settings.unfreeze
+    weights = recorded_weights(record.weights, "The store", StoreError)
     feature_model = build_feature_model(spec, image_size=record.image_size, pooling=record.pooling,
-                                        precision="float32", weights=recorded_weights(record.weights, "The store"))
+                                        precision="float32", weights=weights)
     trainable = set_trainable_top(feature_model, unfreeze)
     image = keras.Input((record.image_size, record.image_size, 3), name="image")
     model = keras.Model(image, head(feature_model(image)), name=f"{spec.name}_finetuned")
