@@ -116,7 +116,10 @@ def _validation_images(data: HeadInputs, images: TrainingImages, settings) -> se
 
 def set_trainable_top(feature_model, unfreeze: int) -> list:
     """Make the backbone's top `unfreeze` layers trainable and every other layer frozen; BatchNormalization layers
-    stay frozen everywhere (a frozen BN layer runs in inference mode in Keras 3). Returns the top layers."""
+    stay frozen everywhere (a frozen BN layer runs in inference mode in Keras 3). The backbone's own dropout
+    (EfficientNet's stochastic depth) is turned off: the head was trained on the features extraction computes,
+    without it, and Keras 3 passes training=True into a nested model whatever the call says. Returns the top
+    layers."""
     import keras
 
     layers = backbone_layers(feature_model)
@@ -124,6 +127,8 @@ def set_trainable_top(feature_model, unfreeze: int) -> list:
     chosen = {id(layer) for layer in top}
     for layer in layers:
         layer.trainable = id(layer) in chosen and not isinstance(layer, keras.layers.BatchNormalization)
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
     return top
 
 
