@@ -157,3 +157,22 @@ def test_a_fine_tuned_champion_is_scored_on_the_challengers_test_images(trained,
     assert decision.basis == "same-test-rows" and decision.n_rows == 6
     fine_tuned = evaluate_bundle(training.bundle, store, n_train=training.n_train).accuracy
     assert decision.champion_score == pytest.approx(fine_tuned)
+
+
+def test_on_the_default_backbone_only_the_top_layers_train_with_no_batch_statistics_or_dropout():
+    import keras
+
+    from transfer_flow.tasks.heads.finetune import set_trainable_top
+
+    spec = get_backbone("efficientnet_lite0")
+    model = build_feature_model(spec, image_size=SIZE, pooling="avg", precision="float32",
+                                weights=resolve_weights(spec, "none"))
+    top = set_trainable_top(model, spec.finetune_layers)
+    layers = backbone_layers(model)
+    assert len(top) == spec.finetune_layers < len(layers) and top == layers[-spec.finetune_layers:]
+    assert all(not layer.trainable for layer in layers[:-spec.finetune_layers])
+    assert any(layer.trainable for layer in top)
+    assert all(not layer.trainable for layer in layers if isinstance(layer, keras.layers.BatchNormalization))
+    images = np.random.default_rng(0).uniform(-1, 1, size=(4, SIZE, SIZE, 3)).astype(np.float32)
+    # Training mode computes exactly what extraction computes: frozen BN statistics, stochastic depth off.
+    np.testing.assert_array_equal(np.asarray(model(images, training=True)), np.asarray(model(images, training=False)))
