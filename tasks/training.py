@@ -17,7 +17,7 @@ from transfer_flow.storage.feature_store import (
     rows_per_chunk,
 )
 from transfer_flow.storage.model_bundle import BundleMetadata, ModelBundle, head_matches, load_bundle, save_bundle
-from transfer_flow.tasks.backbones import get_backbone
+from transfer_flow.tasks.backbones import BACKBONES, get_backbone
 from transfer_flow.tasks.heads import HEADS, HeadInputs, HeadName, TrainingImages, heads_help
 
 CLASSIC_C_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]  # the classic recipe's grid
@@ -67,8 +67,8 @@ class TrainingSettings(BaseModel):
     unfreeze: int | None = Field(
         default=None, ge=0,
         description="finetune: the backbone's top layers trained with the head (BatchNormalization layers stay "
-        "frozen); empty: the backbone's default (efficientnet_lite*: 100, vgg16: 4, resnet50: 33, mobilenet_v2: 50, "
-        "efficientnet_b0: 75, inception_v3: 63, xception: 16).",
+        "frozen); empty: the backbone's default ("
+        + ", ".join(f"{name}: {spec.finetune_layers}" for name, spec in BACKBONES.items()) + ").",
     )
     flip: bool = Field(
         default=False,

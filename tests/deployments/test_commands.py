@@ -117,6 +117,9 @@ def test_serve_passes_every_pipeline_option_to_every_deployment(prefect_api, col
     assert set(SERVE_PIPELINE_VALUES) == set(PipelineSettings.model_fields) - SERVE_EXCLUDED
     argv = ["serve", "--register-only", "--home", str(tmp_path), "--dataset", str(colour_dataset)]
     for name, value in SERVE_PIPELINE_VALUES.items():
+        if value is True:  # a switch: the flag alone
+            argv.append(flag(name))
+            continue
         for item in value if isinstance(value, list) else [value]:
             argv += [flag(name), str(item)]
     args = parser().parse_args(argv)
