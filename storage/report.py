@@ -1,12 +1,13 @@
 """Report files, written as one directory: metrics.json (machine-readable), report.md, report.html
-(self-contained: every picture embedded as a PNG data URI), confusion_matrix.png and, for heads that
-train by epochs, training_curves.png."""
+(self-contained: every picture embedded as a PNG data URI), confusion_matrix.png, feature_map.png and, for
+heads that train by epochs, training_curves.png."""
 from __future__ import annotations
 
 import base64
 import functools
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,18 @@ matplotlib.use("Agg")  # files only: never open a window, work without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from transfer_flow.storage.atomic import atomic_path  # noqa: E402
-from transfer_flow.storage.report_metrics import METRICS_FILE, Misclassified, ReportMetrics, metrics_json  # noqa: E402
+from transfer_flow.storage.report_metrics import (  # noqa: E402
+    METRICS_FILE,
+    Misclassified,
+    NearDuplicate,
+    ReportMetrics,
+    SuspectLabel,
+    metrics_json,
+)
 
 HTML_FILE = "report.html"
 HEATMAP_FOLDER = "heatmaps"  # in the report folder: one PNG per gallery image (GalleryImage.heatmap)
@@ -65,6 +74,7 @@ def summary_markdown(metrics: ReportMetrics) -> str:
         "",
         f"- accuracy: **{metrics.accuracy:.4f}**{_interval_text(metrics)}, macro F1: **{metrics.macro_f1:.4f}**",
         *[f"- {line}" for line in baseline_lines(metrics)],
+        *[f"- {line}" for line in data_check_lines(metrics)],
         f"- train / test images: {metrics.n_train} / {metrics.n_test}",
         f"- best {_params_text(metrics.best_params)}",
         f"- weights: {metrics.weights_source}; image size {metrics.image_size}, pooling {metrics.pooling}, "
@@ -112,6 +122,41 @@ def curves_png(history: dict[str, list[float]]) -> bytes | None:
     return _png(figure)
 
 
+class FeatureMapPoints(BaseModel):
+    """The 2-D positions of the images drawn on the feature map, with what colours and marks them."""
+
+    x: list[float]
+    y: list[float]
+    labels: list[int]
+    is_test: list[bool]
+    is_wrong: list[bool]
+    class_names: list[str]
+
+
+def feature_map_png(points: FeatureMapPoints) -> bytes:
+    """Training images as dots and test images as triangles, coloured by class; misclassified test images ringed."""
+    xy, labels = np.column_stack([points.x, points.y]), np.asarray(points.labels)
+    is_test, is_wrong = np.asarray(points.is_test, bool), np.asarray(points.is_wrong, bool)
+    colours = plt.get_cmap("tab10" if len(points.class_names) <= 10 else "tab20")
+    figure, axes = plt.subplots(figsize=(7.5, 6.5))
+    for k, name in enumerate(points.class_names):
+        colour = colours(k % colours.N)
+        train = (labels == k) & ~is_test
+        test = (labels == k) & is_test
+        axes.scatter(*xy[train].T, s=9, color=colour, alpha=0.45, linewidths=0, label=name)
+        axes.scatter(*xy[test].T, s=30, color=colour, marker="^", edgecolors="black", linewidths=0.4)
+    if is_wrong.any():
+        axes.scatter(*xy[is_wrong].T, s=140, facecolors="none", edgecolors="#b00020", linewidths=1.4,
+                     label="misclassified (test)")
+    axes.scatter([], [], s=30, color="grey", marker="^", edgecolors="black", linewidths=0.4, label="test image")
+    axes.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False, markerscale=1.2)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.set_title(f"Map of the features ({len(labels)} images; dots train, triangles test)")
+    figure.tight_layout()
+    return _png(figure)
+
+
 def thumbnail_png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG", optimize=True)
@@ -124,12 +169,39 @@ def heatmap_file(kind: str, index: int) -> str:
     return f"{HEATMAP_FOLDER}/{kind}-{index:03d}.png"
 
 
+@dataclass
+class DataCheckPictures:
+    """What the data-check sections draw: the feature map's points and the flagged images' thumbnails (pixels as
+    the network saw them, None when an image cannot be read now)."""
+
+    feature_map: FeatureMapPoints | None = None
+    suspects: list[tuple[np.ndarray | None, SuspectLabel]] = field(default_factory=list)
+    duplicates: list[tuple[np.ndarray | None, np.ndarray | None, NearDuplicate]] = field(default_factory=list)
+
+
+def data_check_lines(metrics: ReportMetrics) -> list[str]:
+    """The data checks in a sentence each, the leakage warning first (it belongs on the first screen)."""
+    lines = []
+    if metrics.n_near_duplicates_crossing:
+        lines.append(f"{metrics.n_near_duplicates_crossing} pair(s) of near-identical images sit on both sides of "
+                     "the train/test split: the test score is optimistic (see Near-duplicates)")
+    if metrics.feature_map is not None:
+        lines.append(f"data checks: {metrics.n_suspect_labels} suspect label(s) among the training images, "
+                     f"{metrics.n_near_duplicates} near-duplicate pair(s)")
+    return lines
+
+
+def _png_or_none(pixels: np.ndarray | None) -> bytes | None:
+    return None if pixels is None else thumbnail_png(pixels)
+
+
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def report_html(metrics: ReportMetrics, pictures: dict[str, bytes],
-                gallery: list[tuple[bytes | None, Misclassified]], heatmaps: dict[str, bytes] | None = None) -> str:
+                gallery: list[tuple[bytes | None, Misclassified]],
+                heatmaps: dict[str, bytes] | None = None, checks: DataCheckPictures | None = None) -> str:
     """One self-contained page (templates/report.html.j2): every picture is a data URI, nothing is fetched
     from anywhere. Void elements are self-closed, so the page is well-formed XML too (xml.etree reads it);
     every value is escaped by the template (autoescape), paths and class names included."""
@@ -149,7 +221,10 @@ def report_html(metrics: ReportMetrics, pictures: dict[str, bytes],
                 ("feature store", metrics.store)]
     return _templates().get_template(HTML_TEMPLATE).render(
         m=metrics, cards=cards, notes=baseline_lines(metrics)[1:], settings=settings,
-        pictures=pictures, gallery=gallery, heatmaps=heatmaps or {})
+        pictures=pictures, gallery=gallery, heatmaps=heatmaps or {},
+        leakage=data_check_lines(metrics)[:1] if metrics.n_near_duplicates_crossing else [],
+        suspects=[(_png_or_none(pixels), item) for pixels, item in (checks.suspects if checks else [])],
+        duplicates=[(_png_or_none(a), _png_or_none(b), pair) for a, b, pair in (checks.duplicates if checks else [])])
 
 
 @functools.cache
@@ -158,6 +233,26 @@ def _templates() -> jinja2.Environment:
                                      autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     environment.filters["data_uri"] = _data_uri
     return environment
+
+
+def data_checks_markdown(metrics: ReportMetrics, shown: int = 20) -> list[str]:
+    """report.md's data-check sections: the map, and the first suspect labels and near-duplicates as tables."""
+    if metrics.feature_map is None:
+        return []
+    lines = ["## Map of the features", "", f"{metrics.feature_map.method}, {metrics.feature_map.points} of "
+             f"{metrics.feature_map.rows} images.", "", f"![feature map]({metrics.feature_map.file})", "",
+             f"## Suspect labels ({metrics.n_suspect_labels})", ""]
+    if metrics.suspect_labels:
+        lines += ["| image | given label | predicted | p(given) | p(predicted) |", "|---|---|---|---|---|"]
+        lines += [f"| {s.path} | {s.label} | {s.predicted} | {s.label_probability:.3f} | {s.confidence:.3f} |"
+                  for s in metrics.suspect_labels[:shown]]
+    lines += ["", f"## Near-duplicates ({metrics.n_near_duplicates}, {metrics.n_near_duplicates_crossing} across "
+              "train/test)", ""]
+    if metrics.near_duplicates:
+        lines += ["| image | image | similarity | crosses train/test |", "|---|---|---|---|"]
+        lines += [f"| {d.paths[0]} | {d.paths[1]} | {d.similarity:.4f} | {'yes' if d.crosses_split else 'no'} |"
+                  for d in metrics.near_duplicates[:shown]]
+    return [*lines, ""]
 
 
 def read_report_key(report_dir: Path) -> str | None:
@@ -173,14 +268,18 @@ def read_report_key(report_dir: Path) -> str | None:
 def write_report(report_dir: Path, metrics: ReportMetrics, classification_text: str, *, overwrite: bool,
                  history: dict[str, list[float]] | None = None,
                  gallery: list[tuple[np.ndarray | None, Misclassified]] | None = None,
-                 heatmaps: dict[str, np.ndarray] | None = None) -> Path:
+                 heatmaps: dict[str, np.ndarray] | None = None,
+                 checks: DataCheckPictures | None = None) -> Path:
     """Write the report directory atomically.
 
     `history`: per-epoch curves (drawn when present); `gallery`: (thumbnail pixels or None, item with
     path, true, predicted, confidence) of misclassified test images, embedded in report.html; `heatmaps`:
-    overlay pixels by the file name the metrics' gallery items give (heatmap_file), written there and embedded."""
+    overlay pixels by the file name the metrics' gallery items give (heatmap_file), written there and embedded;
+    `checks`: the feature map and the suspect-label and near-duplicate thumbnails."""
     report_dir = Path(report_dir)
     pictures = {"confusion_matrix": confusion_png(metrics.class_names, metrics.confusion)}
+    if checks is not None and checks.feature_map is not None:
+        pictures["feature_map"] = feature_map_png(checks.feature_map)
     curves = curves_png(history or {})
     if curves is not None:
         pictures["training_curves"] = curves
@@ -195,6 +294,7 @@ def write_report(report_dir: Path, metrics: ReportMetrics, classification_text: 
         f"The misclassified test images are shown in [{HTML_FILE}]({HTML_FILE}).", "",
         *([f"Heatmaps ({metrics.heatmap_method}) of the predicted class over each gallery image: "
            f"[{HEATMAP_FOLDER}/]({HEATMAP_FOLDER}/), named in metrics.json.", ""] if heatmap_pngs else []),
+        *data_checks_markdown(metrics),
     ])
     with atomic_path(report_dir, overwrite=overwrite, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -206,5 +306,6 @@ def write_report(report_dir: Path, metrics: ReportMetrics, classification_text: 
             (tmp / HEATMAP_FOLDER).mkdir()
         for name, png in heatmap_pngs.items():
             (tmp / name).write_bytes(png)
-        (tmp / HTML_FILE).write_text(report_html(metrics, pictures, thumbnails, heatmap_pngs), encoding="utf-8")
+        page = report_html(metrics, pictures, thumbnails, heatmap_pngs, checks)
+        (tmp / HTML_FILE).write_text(page, encoding="utf-8")
     return report_dir

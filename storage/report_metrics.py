@@ -43,6 +43,33 @@ class Baselines(BaseModel):
     )
 
 
+class SuspectLabel(BaseModel):
+    """A training image whose given label the other images contradict (out-of-fold predictions)."""
+
+    path: str = Field(description="Relative to the dataset root.")
+    label: str = Field(description="The class it was given (its folder).")
+    predicted: str = Field(description="The class the out-of-fold model prefers.")
+    confidence: float = Field(description="Out-of-fold probability of the predicted class.")
+    label_probability: float = Field(description="Out-of-fold probability of the given label.")
+
+
+class NearDuplicate(BaseModel):
+    """Two images whose features are nearly identical: a re-encoded, resized or lightly edited copy."""
+
+    paths: list[str] = Field(description="The two images, relative to the dataset root.")
+    similarity: float = Field(description="Cosine similarity of their features.")
+    crosses_split: bool = Field(description="One is a test image, the other is not: the test score is optimistic.")
+
+
+class FeatureMapSummary(BaseModel):
+    """What report/feature_map.png shows."""
+
+    file: str = "feature_map.png"
+    method: str
+    points: int = Field(description="Images drawn (every test image when they fit, a stratified sample of the rest).")
+    rows: int = Field(description="Images in the store (view 0).")
+
+
 class ReportMetrics(BaseModel):
     accuracy: float
     macro_f1: float
@@ -75,6 +102,21 @@ class ReportMetrics(BaseModel):
     heatmap_method: str | None = Field(
         default=None, description="cam (exact, linear heads on avg-pooled or flattened features) or grad-cam.",
     )
+    # Data checks (tasks/data_checks.py): the lists hold the first SUSPECTS_LISTED / NEAR_DUPLICATES_LISTED.
+    suspect_labels: list[SuspectLabel] = Field(default_factory=list, description="The least likely label first.")
+    n_suspect_labels: int = 0
+    suspect_cutoff: float | None = Field(
+        default=None, description="A suspect's given label has an out-of-fold probability below this."
+    )
+    near_duplicates: list[NearDuplicate] = Field(
+        default_factory=list, description="Pairs crossing train/test first, then the most similar."
+    )
+    n_near_duplicates: int = 0
+    n_near_duplicates_crossing: int = 0
+    near_duplicate_similarity: float | None = Field(
+        default=None, description="Near-duplicates' features have at least this cosine similarity."
+    )
+    feature_map: FeatureMapSummary | None = None
     stage_key: str = Field(default="", description="Cache key of the evaluation that wrote the report.")
 
 

@@ -15,8 +15,10 @@ from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import BundleError, DatasetError, UnreadableImageError
 from transfer_flow.storage.feature_store import FeatureStore, read_contents, read_features
 from transfer_flow.storage.model_bundle import ModelBundle, load_head
+from transfer_flow.storage.report import DataCheckPictures
 from transfer_flow.storage.report_metrics import Baselines, GalleryImage, Misclassified
 from transfer_flow.tasks.baselines import accuracy_interval, baselines
+from transfer_flow.tasks.data_checks import SUSPECTS_SHOWN, DataChecks, check_data
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decode_image
 from transfer_flow.tasks.prediction import image_probabilities
@@ -48,11 +50,12 @@ class Evaluation(BaseModel):
         default_factory=list,
         description=f"{CORRECT_PER_CLASS} per class (at most {CORRECT_IMAGES}), most confident first.",
     )
+    checks: DataChecks = Field(default_factory=DataChecks, description="Feature map, suspect labels, near-duplicates.")
     seconds: float
 
 
-REPORT_CODE_VERSION = 4  # bump when the same evaluation would give another report (2: report.html, 3: baselines,
-# 4: heatmaps)
+# Bump when the same evaluation would give another report (2: report.html, 3: baselines, 4: heatmaps, 5: data checks).
+REPORT_CODE_VERSION = 5
 
 
 def report_key(bundle: ModelBundle, store: FeatureStore) -> str:
@@ -104,6 +107,10 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
     compared = baselines(root, [contents.paths[i] for i in train_rows],
                          contents.labels[train_rows], [contents.paths[i] for i in rows], truth,
                          params.get("c_grid") or CLASSIC_C_GRID, int(params.get("seed", 42)))
+    # The out-of-fold model for suspect labels: logistic regression at the head's chosen C when it chose one
+    # (logreg, linear-svm), else at scikit-learn's default C=1.
+    checks = check_data(store, contents, rows, predicted != truth, c=float(params.get("C", 1.0)),
+                        seed=int(params.get("seed", 42)))
     indices = list(range(len(names)))
     report = classification_report(truth, predicted, labels=indices, target_names=names, output_dict=True,
                                    zero_division=0)
@@ -120,6 +127,7 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
                                                      zero_division=0, digits=4),
         best_params=bundle.metadata.training_summary.get("best_params", bundle.metadata.head_params),
         misclassified=misclassified, n_misclassified=len(wrong), correct_examples=correct_examples,
+        checks=checks,
         seconds=time.perf_counter() - started,
     )
 
@@ -134,12 +142,22 @@ def most_confident_correct(truth: np.ndarray, predicted: np.ndarray, probabiliti
     return chosen[:CORRECT_IMAGES]
 
 
+def thumbnail(root: Path, path: str, side: int = THUMBNAIL_SIDE) -> np.ndarray | None:
+    """An image as the network saw it (decoded and resized the same way), small; None if it cannot be read now."""
+    try:
+        return decode_image(Path(root) / path, side)
+    except UnreadableImageError:
+        return None
+
+
 def gallery_thumbnails(root: Path, items: list[Misclassified], side: int = THUMBNAIL_SIDE) -> list[np.ndarray | None]:
-    """Each image as the network saw it (decoded and resized the same way), small; None if it cannot be read now."""
-    thumbnails: list[np.ndarray | None] = []
-    for item in items:
-        try:
-            thumbnails.append(decode_image(Path(root) / item.path, side))
-        except UnreadableImageError:
-            thumbnails.append(None)
-    return thumbnails
+    return [thumbnail(root, item.path, side) for item in items]
+
+
+def data_check_pictures(root: Path, checks: DataChecks, shown: int = SUSPECTS_SHOWN) -> DataCheckPictures:
+    """The feature map and the thumbnails of the first `shown` suspect labels and near-duplicate pairs."""
+    return DataCheckPictures(
+        feature_map=checks.feature_map_points,
+        suspects=[(thumbnail(root, item.path), item) for item in checks.suspect_labels[:shown]],
+        duplicates=[(thumbnail(root, pair.paths[0]), thumbnail(root, pair.paths[1]), pair)
+                    for pair in checks.near_duplicates[:shown]])

@@ -37,7 +37,13 @@ from transfer_flow.storage.report import (
 )
 from transfer_flow.storage.report_metrics import ReportMetrics, TrainingScore
 from transfer_flow.storage.run_summary import RunSummary
-from transfer_flow.tasks.evaluation import Evaluation, evaluate_bundle, gallery_thumbnails, report_key
+from transfer_flow.tasks.evaluation import (
+    Evaluation,
+    data_check_pictures,
+    evaluate_bundle,
+    gallery_thumbnails,
+    report_key,
+)
 from transfer_flow.tasks.extraction import (
     ExtractionPlan,
     ExtractionResult,
@@ -196,6 +202,7 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
         confusion=result.confusion, training_score=TrainingScore(name=training.score_name, value=training.cv_score),
         n_misclassified=result.n_misclassified, misclassified=result.misclassified, stage_key=key,
         correct_examples=result.correct_examples,
+        **result.checks.model_dump(exclude={"feature_map_points"}),
     )
     kept = not refresh and read_report_key(layout.report) == key  # same head on the same rows: the report stands
     if not kept:
@@ -203,7 +210,8 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
         thumbnails = gallery_thumbnails(root, result.misclassified)
         metrics, heatmaps = gallery_heatmaps(training.bundle, root, metrics)
         write_report(layout.report, metrics, result.classification_report, overwrite=True, history=training.history,
-                     gallery=list(zip(thumbnails, metrics.misclassified)), heatmaps=heatmaps)
+                     gallery=list(zip(thumbnails, metrics.misclassified)), heatmaps=heatmaps,
+                     checks=data_check_pictures(root, result.checks))
     prefix = artifact_key(Path(extraction.store.attrs.get("dataset_root", "")).name, spec.head)
     page = (layout.report / HTML_FILE).resolve()
     create_markdown_artifact(key=f"{prefix}-report", markdown=report_artifact_markdown(metrics, layout.report, page),

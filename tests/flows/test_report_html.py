@@ -31,8 +31,13 @@ def test_dense_report_is_self_contained_html_with_curves_and_gallery(dense_run):
     heatmaps = [item["heatmap"] for item in metrics["misclassified"] + metrics["correct_examples"] if item["heatmap"]]
     assert metrics["heatmap_method"] == "grad-cam" and len(heatmaps) == len(metrics["misclassified"]) + len(
         metrics["correct_examples"])
-    # thumbnails of the test images it got wrong, and the heatmaps of the gallery
-    assert len(sources) == 2 + min(metrics["n_misclassified"], 48) + len(heatmaps)
+    # Curves, confusion matrix, feature map; thumbnails of the test images it got wrong, the gallery's heatmaps,
+    # thumbnails of the suspect labels and of both images of each near-duplicate pair.
+    wrong, suspects, pairs = (min(metrics[f"n_{name}"], 48) for name in ("misclassified", "suspect_labels",
+                                                                         "near_duplicates"))
+    assert len(sources) == 3 + wrong + len(heatmaps) + suspects + 2 * pairs
+    assert (report / "feature_map.png").is_file()
+    assert metrics["feature_map"]["rows"] == summary.images_listed - len(summary.images_skipped)
     for item in metrics["misclassified"]:
         assert item["path"] in page and item["true"] != item["predicted"] and 0 <= item["confidence"] <= 1
     assert f"{summary.accuracy:.4f}" in page

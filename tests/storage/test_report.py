@@ -70,3 +70,32 @@ def test_headline_shows_the_interval_and_baselines_and_warns_when_raw_pixels_win
     winning = losing.model_copy(update={"accuracy": 0.99, "accuracy_ci": (0.97, 1.0)})
     write_report(tmp_path / "winning", winning, "text", overwrite=False)
     assert "do not beat raw pixels" not in (tmp_path / "winning" / "report.html").read_text()
+
+
+def test_data_checks_draw_the_map_and_warn_of_leakage_on_the_first_screen(tmp_path):
+    from transfer_flow.storage.report import DataCheckPictures, FeatureMapPoints
+    from transfer_flow.storage.report_metrics import FeatureMapSummary, NearDuplicate, SuspectLabel
+
+    rng = np.random.default_rng(0)
+    points = FeatureMapPoints(x=rng.normal(size=30).tolist(), y=rng.normal(size=30).tolist(),
+                              labels=[i % 3 for i in range(30)], is_test=[i % 4 == 0 for i in range(30)],
+                              is_wrong=[i == 4 for i in range(30)], class_names=["cat", "dog <b>", "owl"])
+    suspect = SuspectLabel(path="owl/<odd>.png", label="owl", predicted="cat", confidence=0.93,
+                           label_probability=0.02)
+    pair = NearDuplicate(paths=["cat/a.png", "cat/a copy.jpg"], similarity=0.991, crosses_split=True)
+    checked = metrics().model_copy(update={
+        "suspect_labels": [suspect], "n_suspect_labels": 1, "suspect_cutoff": 0.1, "near_duplicates": [pair],
+        "n_near_duplicates": 1, "n_near_duplicates_crossing": 1, "near_duplicate_similarity": 0.95,
+        "feature_map": FeatureMapSummary(method="t-SNE", points=30, rows=30)})
+    pixels = np.full((96, 96, 3), 90, np.uint8)
+    write_report(tmp_path / "report", checked, "text", overwrite=False,
+                 checks=DataCheckPictures(feature_map=points, suspects=[(pixels, suspect)],
+                                          duplicates=[(pixels, None, pair)]))
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert len(check_html(page).sources) == 4  # confusion matrix, map, the suspect, one readable image of the pair
+    assert (tmp_path / "report" / "feature_map.png").read_bytes()[:4] == b"\x89PNG"
+    first_screen = page.split("<h2>")[0]
+    assert "1 pair(s) of near-identical images sit on both sides of the train/test split" in first_screen
+    assert "owl/&lt;odd&gt;.png" in page and "Suspect labels (1)" in page and "0.9910" in page
+    assert "1 pair(s) of near-identical" in (tmp_path / "report" / "report.md").read_text()
+    assert read_metrics(tmp_path / "report") == checked
