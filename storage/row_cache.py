@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from transfer_flow.storage.atomic import atomic_path
+from transfer_flow.storage.errors import StoreError
 from transfer_flow.storage.feature_store import FeatureStore, open_store, read_contents, read_features, read_skipped
 
 SHARD_PATTERN = "shard-*.h5"
@@ -45,12 +46,19 @@ class RowCache:
         if previous_store is not None:
             store = open_store(previous_store)
             if store.feature_dim == self.feature_dim:  # another width cannot be these settings' rows
-                contents = read_contents(store)
-                for row, (digest, view) in enumerate(zip(contents.hashes, contents.view.tolist())):
-                    if digest:
-                        self.rows.setdefault(row_key(digest, view), (previous_store, row))
-                self.skipped.update(read_skipped(store).reasons_by_hash())
-                self._stores[previous_store] = store
+                try:
+                    contents = read_contents(store)  # the committed rows only
+                    skipped = read_skipped(store).reasons_by_hash()
+                except (StoreError, OSError, ValueError):
+                    if not store.interrupted:
+                        raise
+                    contents = None  # a kill mid-append broke even those: they are extracted again
+                if contents is not None:
+                    for row, (digest, view) in enumerate(zip(contents.hashes, contents.view.tolist())):
+                        if digest:
+                            self.rows.setdefault(row_key(digest, view), (previous_store, row))
+                    self.skipped.update(skipped)
+                    self._stores[previous_store] = store
         for shard in self.shards():
             with h5py.File(shard, "r") as file:
                 for row, digest in enumerate(file["hashes"].asstr()[:]):

@@ -8,6 +8,7 @@ run.json and the report:
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -230,7 +231,17 @@ def cpu_supports_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def gpu_device_nodes_absent() -> bool:
+    """Linux without NVIDIA, ROCm or WSL GPU device nodes: no GPU TensorFlow could use, known without importing it
+    (~3 s, the whole cost of a rerun that has nothing to extract)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return not any(next(Path("/dev").glob(pattern), None) for pattern in ("nvidia[0-9]*", "kfd", "dxg"))
+
+
 def gpu_available() -> bool:
+    if gpu_device_nodes_absent():
+        return False
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))

@@ -20,9 +20,14 @@ from transfer_flow.storage.extraction_record import ExtractionRecord, record_att
 from transfer_flow.storage.feature_store import (
     FeatureDtype,
     FeatureStore,
+    FeatureWriter,
     SkippedImages,
+    append_journal,
+    appending_to_store,
     create_store,
+    is_local,
     open_store,
+    read_contents,
     read_skipped,
     rows_per_chunk,
     store_exists,
@@ -176,6 +181,10 @@ def _existing_store(store_path: Path) -> FeatureStore | None:
     try:
         return open_store(store_path)
     except StoreError:
+        if append_journal(store_path).exists():  # ours, left unreadable by a kill while it grew: rebuilt
+            stage_logger().warning("extract: %s was left unreadable by an interrupted append; its rows are "
+                                   "extracted again", store_path)
+            return None
         raise OutputExistsError(f"{store_path} exists and is not a feature store: refusing to replace it") from None
 
 
@@ -223,7 +232,8 @@ def plan_extraction(manifest: Manifest, store_path: Path, settings: ExtractionSe
     plan = ExtractionPlan(settings=settings, weights=weights, key=key,
                           feature_dim=feature_dim, parts_dir=str(parts_dir),
                           previous_store=previous.path if previous is not None else None, todo=[])
-    if (previous is not None and previous.attrs.get("manifest_fingerprint") == manifest.fingerprint()
+    if (previous is not None and not previous.interrupted
+            and previous.attrs.get("manifest_fingerprint") == manifest.fingerprint()
             and int(previous.attrs.get("augment", 0)) == settings.augment):
         return plan.model_copy(update={"complete": True})
     cache = RowCache(parts_dir, feature_dim)
@@ -300,22 +310,62 @@ def assemble_store(manifest: Manifest, store_path: Path, plan: ExtractionPlan) -
         "extraction_key": plan.key,
     }
     block = 8 * rows_per_chunk(plan.feature_dim)
-    with create_store(store_path, feature_dim=plan.feature_dim, label_names=manifest.class_names, attrs=attrs,
-                      dtype=plan.settings.feature_dtype, overwrite=True) as writer:
-        keys = [row_key(r.content_hash, v) for r, v in rows_out]
-        for start, features in zip(range(0, len(rows_out), block), cache.gather(keys, block)):
-            rows = rows_out[start:start + block]
-            writer.append(features, np.array([manifest.label_index(r.label) for r, _ in rows], dtype=np.int64),
-                          [r.path for r, _ in rows], [r.split or "" for r, _ in rows],
-                          [r.content_hash for r, _ in rows], [v for _, v in rows])
-        writer.record_skipped(SkippedImages([r.path for r in skipped_records],
-                                            [r.content_hash for r in skipped_records],
-                                            [skipped[r.content_hash] for r in skipped_records]))
+    skipped_images = SkippedImages([r.path for r in skipped_records], [r.content_hash for r in skipped_records],
+                                   [skipped[r.content_hash] for r in skipped_records])
+    keys = [row_key(r.content_hash, v) for r, v in rows_out]
+    label_of = {name: i for i, name in enumerate(manifest.class_names)}
+    labels = np.array([label_of[r.label] for r, _ in rows_out], dtype=np.int64)
+    split = np.array([r.split or "" for r, _ in rows_out], dtype=object)
+
+    def append(writer: FeatureWriter, order: np.ndarray) -> None:
+        for start, features in zip(range(0, len(order), block), cache.gather([keys[j] for j in order], block)):
+            chosen = order[start:start + block]
+            writer.append(features, labels[chosen], [rows_out[j][0].path for j in chosen], split[chosen].tolist(),
+                          [rows_out[j][0].content_hash for j in chosen], [rows_out[j][1] for j in chosen])
+
+    in_place = _committed_positions(plan.previous_store, manifest.class_names, rows_out)
+    if in_place is not None:  # every committed row is still wanted: keep them where they are, append the rest
+        positions, committed_labels, committed_split = in_place
+        old = positions >= 0
+        labels_now, split_now = committed_labels.copy(), committed_split.copy()
+        labels_now[positions[old]], split_now[positions[old]] = labels[old], split[old]
+        with appending_to_store(store_path, attrs=attrs) as writer:
+            if (labels_now != committed_labels).any() or (split_now != committed_split).any():
+                writer.relabel(labels_now, split_now.tolist())
+            append(writer, np.flatnonzero(~old))
+            writer.record_skipped(skipped_images)
+    else:
+        with create_store(store_path, feature_dim=plan.feature_dim, label_names=manifest.class_names, attrs=attrs,
+                          dtype=plan.settings.feature_dtype, overwrite=True) as writer:
+            append(writer, np.arange(len(rows_out)))
+            writer.record_skipped(skipped_images)
     cache.clear()
     for folder, size in cache.clear_other_settings():
         stage_logger().info("extract: removed %s (%.1f MB of shards a killed run with other settings left)",
                             folder, size / 1e6)
     return result(open_store(store_path), skipped, sum(1 for r in kept if r.content_hash in extracted_hashes), False)
+
+
+def _committed_positions(previous_store: str | None, class_names: list[str], rows_out: list[tuple[ImageRecord, int]]
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Where each wanted row already sits in the previous store (-1: not there), with its rows' labels and split,
+    when the store can grow in place: local, complete, same classes, and every row still wanted (same path,
+    content and view). None when it must be written anew (an image removed, renamed or changed, a new class)."""
+    if previous_store is None or not is_local(previous_store):
+        return None
+    previous = open_store(previous_store)
+    if previous.label_names != class_names or previous.interrupted:  # a killed append's store is rewritten
+        return None
+    contents = read_contents(previous)
+    where = {(path, digest, view): row for row, (path, digest, view) in enumerate(
+        zip(contents.paths, contents.hashes, contents.view.tolist()))}
+    if len(where) != previous.n_rows:
+        return None
+    positions = np.array([where.pop((record.path, record.content_hash, view), -1) for record, view in rows_out],
+                         dtype=np.int64)
+    if where:  # rows no longer listed: they leave, so the store is rewritten
+        return None
+    return positions, contents.labels, np.array(contents.split, dtype=object)
 
 
 def extract_features(manifest: Manifest, store_path: Path, settings: ExtractionSettings, *,

@@ -9,17 +9,30 @@ Writing: a store is written under a temporary name beside its target and renamed
 complete, so a reader never sees half a store (places.py: local paths and fsspec URLs). One writer
 appends batches with `create_store(...)`; several processes writing disjoint row ranges of one zarr
 store use concurrent_zarr.py.
+
+Growing: `appending_to_store(...)` adds rows to a complete local store in place, so a grown dataset costs its
+new rows, not a copy of the old ones. Crash safety comes from never touching a committed row's features,
+hashes or view, and from a journal: before the first byte changes, `.<name>.appending` records how many rows
+were committed, and the store's `manifest_fingerprint` is blanked (no reader takes it for complete); the
+attributes written last are the commit, and only then does the journal go. After a kill -9 in between the
+store is `interrupted`: `open_store` reports the journal's count as `rows_committed`, and `read_contents` reads
+only those rows. A kill mid-write can leave HDF5's own bookkeeping after them inconsistent (its heap of strings,
+say), so an interrupted store is never written to again: the next extraction writes a new store from its
+committed rows and the shards, and renames it over; if even those rows cannot be read, the journal shows the
+store is ours to replace, and its rows are extracted again.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 
+from transfer_flow.storage.atomic import write_json
 from transfer_flow.storage.content_keys import content_key
 from transfer_flow.storage.errors import StoreError
 from transfer_flow.storage.extraction_record import ExtractionRecord, read_record
@@ -29,7 +42,7 @@ from transfer_flow.storage.feature_store.formats import (
     StoreFormatName,
     store_format_of,
 )
-from transfer_flow.storage.feature_store.places import StorePath, place_of, refuse_existing
+from transfer_flow.storage.feature_store.places import LocalPlace, StorePath, place_of, refuse_existing
 from transfer_flow.storage.feature_store.rows import (
     FEATURE_DTYPES,
     SKIPPED_COLUMNS,
@@ -43,9 +56,9 @@ from transfer_flow.storage.feature_store.rows import (
 
 __all__ = [
     "FEATURE_DTYPES", "FeatureDtype", "STORE_FORMATS", "FeatureStore", "FeatureWriter", "StoreContents", "StoreFormat",
-    "SkippedImages", "StoreFormatName", "StorePath", "create_store", "open_store", "read_contents", "read_features",
-    "read_skipped",
-    "reading", "rows_per_chunk", "store_exists", "store_format_of",
+    "SkippedImages", "StoreFormatName", "StorePath", "append_journal", "appending_to_store", "create_store", "is_local",
+    "open_store", "read_contents", "read_features", "read_skipped", "reading", "rows_per_chunk", "store_exists",
+    "store_format_of",
 ]
 
 
@@ -57,6 +70,20 @@ class FeatureStore(BaseModel):
     feature_dim: int
     label_names: list[str]
     attrs: dict[str, Any] = Field(default_factory=dict)
+    rows_committed: int | None = Field(
+        default=None, description="Rows of the last complete write when an append was interrupted after them "
+        "(the rows after these are leftovers); None: every row."
+    )
+
+    @property
+    def committed(self) -> int:
+        """How many rows, from the first, are intact and belong to the store."""
+        return self.n_rows if self.rows_committed is None else self.rows_committed
+
+    @property
+    def interrupted(self) -> bool:
+        """An append into this store did not finish: rows before `committed` are intact, the store is not."""
+        return self.rows_committed is not None or self.attrs.get("manifest_fingerprint", "x") == ""
 
     def fingerprint(self) -> str:
         """Identifies the rows by content: the extraction settings and the manifest they came from."""
@@ -108,12 +135,12 @@ def reading(path: StorePath, store_format: StoreFormat | None = None) -> Iterato
 
 
 class FeatureWriter:
-    """What `create_store` yields: appends row batches at the end of the store being written."""
+    """What `create_store` and `appending_to_store` yield: appends row batches at the end of the store."""
 
-    def __init__(self, arrays: Any):
+    def __init__(self, arrays: Any, n_rows: int = 0):
         self._arrays = arrays
         self._layout = arrays.layout
-        self.n_rows = 0
+        self.n_rows = n_rows
 
     def append(self, features: np.ndarray, labels: np.ndarray, paths: Sequence[str], split: Sequence[str],
                hashes: Sequence[str] | None = None, views: Sequence[int] | None = None) -> None:
@@ -149,9 +176,71 @@ def create_store(path: StorePath, *, feature_dim: int, label_names: Sequence[str
             arrays.set_attrs(disk_attrs(attrs, writer.n_rows))
         finally:
             arrays.close()
+    if isinstance(place, LocalPlace):
+        append_journal(place.path).unlink(missing_ok=True)  # an interrupted append into the store just replaced
+
+
+def append_journal(path: StorePath) -> Path:
+    """The file that says an append into the local store at `path` is under way, and from which row."""
+    path = Path(path)
+    return path.parent / f".{path.name}.appending"
+
+
+class StoreAppender(FeatureWriter):
+    """What `appending_to_store` yields: appends after the committed rows, and may relabel those rows."""
+
+    def relabel(self, labels: np.ndarray, split: Sequence[str]) -> None:
+        """New labels and split of the committed rows (a class renamed, a small class's test image moved);
+        their features, paths, hashes and views stay."""
+        if len(labels) != len(split) or len(labels) > self.n_rows:
+            raise StoreError(f"Expected labels and split of at most {self.n_rows} rows, got {len(labels)}, "
+                             f"{len(split)}")
+        labels = np.asarray(labels, np.int64)
+        if len(labels) and (labels.min() < 0 or labels.max() >= self._layout.n_labels):
+            raise StoreError(f"Expected labels in 0..{self._layout.n_labels - 1}, got {labels.min()}..{labels.max()}")
+        self._arrays.write_columns(0, {"labels": labels, "split": [str(v) for v in split]})
+
+
+@contextlib.contextmanager
+def appending_to_store(path: StorePath, *, attrs: dict[str, Any]) -> Iterator[StoreAppender]:
+    """Grow the complete local store at `path` in place; `attrs` replace its attributes on commit.
+
+    On an error the store is put back as it was. After a kill the journal marks it interrupted: its committed
+    rows are still read, but it is never appended to again, only rewritten (see the module doc).
+    """
+    store_format = store_format_of(path)
+    place = place_of(path, store_format)
+    store = open_store(path)
+    if not isinstance(place, LocalPlace) or store.interrupted:
+        raise StoreError(f"Expected a complete local store to append to, got {path}")
+    journal = append_journal(place.path)
+    write_json(journal, {"rows_committed": store.n_rows})  # before the first byte of the store changes
+    arrays = store_format.backend().open_for_append(place.uri)
+    try:
+        arrays.set_attrs({"manifest_fingerprint": ""})  # not complete from here until the commit
+        arrays.flush()
+        writer = StoreAppender(arrays, store.n_rows)
+        try:
+            yield writer
+        except BaseException:
+            arrays.resize(store.n_rows)  # as it was; should this fail too, the journal stays and the next run
+            arrays.set_attrs(store.attrs)  # rewrites the store from its committed rows
+            arrays.flush()
+            journal.unlink()
+            raise
+        arrays.flush()  # the rows are on disk before the attributes that commit them
+        arrays.set_attrs(disk_attrs(attrs, writer.n_rows))
+    finally:
+        arrays.close()
+    journal.unlink()
 
 
 # --- Reading -------------------------------------------------------------------------------------------------
+
+
+def is_local(path: StorePath) -> bool:
+    """A path on this machine (not an object-store URL): where a store can grow in place."""
+    return isinstance(place_of(path), LocalPlace)
 
 
 def store_exists(path: StorePath) -> bool:
@@ -169,20 +258,39 @@ def open_store(path: StorePath) -> FeatureStore:
             if not reader.has(name):
                 raise StoreError(f"{path} is not a feature store: it has no '{name}' dataset")
         n_rows, feature_dim = reader.shape()
+        attrs = reader.attrs()
         return FeatureStore(path=place.uri, n_rows=n_rows, feature_dim=feature_dim,
-                            label_names=reader.strings("label_names"), attrs=reader.attrs())
+                            label_names=reader.strings("label_names"), attrs=attrs,
+                            rows_committed=_rows_committed(place, n_rows, attrs))
+
+
+def _rows_committed(place: Any, n_rows: int, attrs: dict[str, Any]) -> int | None:
+    """The journal's count while an append is under way or was interrupted; the count the last commit wrote
+    when the store is marked incomplete without one; else every row."""
+    if isinstance(place, LocalPlace):
+        journal = append_journal(place.path)
+        try:
+            return min(n_rows, int(json.loads(journal.read_text())["rows_committed"]))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise StoreError(f"{journal} (an interrupted append's journal) is unreadable: {error}") from None
+    if attrs.get("manifest_fingerprint", "x") == "" and "n_rows" in attrs:
+        return min(n_rows, int(attrs["n_rows"]))
+    return None
 
 
 def read_contents(store: FeatureStore) -> StoreContents:
+    """Every column but the features, of the store's committed rows (all of them unless an append was interrupted:
+    the rows it left after them are not read, so what it left half-written is never touched)."""
+    n = store.committed
     with reading(store.path) as reader:
-        n = reader.shape()[0]
-
         def strings(name: str) -> list[str]:
-            return reader.strings(name) if reader.has(name) else [""] * n
+            return reader.strings(name, n) if reader.has(name) else [""] * n
 
-        return StoreContents(labels=reader.labels(), label_names=reader.strings("label_names"),
+        return StoreContents(labels=reader.labels(n), label_names=reader.strings("label_names"),
                              paths=strings("paths"), split=strings("split"), hashes=strings("hashes"),
-                             view=reader.views(), attrs=reader.attrs())
+                             view=reader.views(n), attrs=reader.attrs())
 
 
 def read_skipped(store: FeatureStore) -> SkippedImages:

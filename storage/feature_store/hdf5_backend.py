@@ -32,7 +32,13 @@ NOT_A_VARIABLE = b"This is a netCDF dimension but not a netCDF variable."
 class Writer:
     """The datasets of one HDF5 file being written."""
 
-    def __init__(self, location: str, *, n_rows: int, feature_dim: int, label_names: Sequence[str], dtype: np.dtype):
+    def __init__(self, location: str, *, n_rows: int, feature_dim: int, label_names: Sequence[str], dtype: np.dtype,
+                 existing: bool = False):
+        if existing:  # an existing store, grown in place (see open_for_append)
+            self._file = h5py.File(location, "r+")
+            features = self._file["features"]
+            self.layout = Layout(features.shape[1], np.dtype(features.dtype), len(self._file["label_names"]))
+            return
         self._file = h5py.File(location, "w")
         self.layout = Layout(feature_dim, dtype, len(label_names))
         text = h5py.string_dtype()
@@ -75,14 +81,25 @@ class Writer:
             if values is not None:
                 self._file[name][:] = values
 
+    def write_columns(self, start: int, columns: dict[str, Any]) -> None:
+        for name, values in columns.items():
+            self._file[name][start:start + len(values)] = values
+
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         self._file.attrs.update(attrs)
+
+    def flush(self) -> None:
+        self._file.flush()
 
     def close(self) -> None:
         self._file.close()
 
 
 create = Writer
+
+
+def open_for_append(location: str) -> Writer:
+    return Writer(location, n_rows=0, feature_dim=0, label_names=(), dtype=np.dtype(np.float32), existing=True)
 
 
 class Reader:
@@ -101,14 +118,14 @@ class Reader:
     def attrs(self) -> dict[str, Any]:
         return {key: plain(value) for key, value in self._file.attrs.items()}
 
-    def strings(self, name: str) -> list[str]:
-        return list(self._file[name].asstr()[:])
+    def strings(self, name: str, stop: int | None = None) -> list[str]:
+        return list(self._file[name].asstr()[:stop])
 
-    def labels(self) -> np.ndarray:
-        return self._file["labels"][:]
+    def labels(self, stop: int | None = None) -> np.ndarray:
+        return self._file["labels"][:stop]
 
-    def views(self) -> np.ndarray:
-        return self._file["view"][:] if "view" in self._file else np.zeros(self.shape()[0], np.int64)
+    def views(self, stop: int | None = None) -> np.ndarray:
+        return self._file["view"][:stop] if "view" in self._file else np.zeros(self.shape()[0], np.int64)[:stop]
 
     def rows(self, increasing: np.ndarray) -> np.ndarray:
         return self._file["features"][increasing]  # h5py reads strictly increasing indices only

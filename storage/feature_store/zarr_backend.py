@@ -64,7 +64,8 @@ class Writer:
     def open(cls, location: str) -> Writer:
         import zarr
 
-        return cls(zarr.open_group(location, mode="r+", zarr_format=3))
+        # Not the consolidated metadata: it describes the last commit, and a writer needs the arrays as they are.
+        return cls(zarr.open_group(location, mode="r+", zarr_format=3, use_consolidated=False))
 
     @property
     def layout(self) -> Layout:
@@ -92,6 +93,13 @@ class Writer:
             self._group[name].resize((len(values),))
             self._group[name][:] = np.array(values, dtype=str)
 
+    def write_columns(self, start: int, columns: dict[str, Any]) -> None:
+        for name, values in columns.items():
+            self._arrays[name][start:start + len(values)] = values
+
+    def flush(self) -> None:
+        pass  # every chunk and metadata file is written whole (zarr's local store writes then renames)
+
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         import zarr
 
@@ -106,6 +114,7 @@ class Writer:
 
 
 create = Writer.create
+open_for_append = Writer.open
 
 
 class Reader:
@@ -127,14 +136,14 @@ class Reader:
     def attrs(self) -> dict[str, Any]:
         return dict(self._group.attrs)
 
-    def strings(self, name: str) -> list[str]:
-        return self._group[name][:].tolist()
+    def strings(self, name: str, stop: int | None = None) -> list[str]:
+        return self._group[name][:stop].tolist()
 
-    def labels(self) -> np.ndarray:
-        return self._group["labels"][:]
+    def labels(self, stop: int | None = None) -> np.ndarray:
+        return self._group["labels"][:stop]
 
-    def views(self) -> np.ndarray:
-        return self._group["view"][:] if "view" in self._group else np.zeros(self.shape()[0], np.int64)
+    def views(self, stop: int | None = None) -> np.ndarray:
+        return self._group["view"][:stop] if "view" in self._group else np.zeros(self.shape()[0], np.int64)[:stop]
 
     def rows(self, increasing: np.ndarray) -> np.ndarray:
         return self._group["features"].oindex[increasing]

@@ -192,3 +192,122 @@ def test_a_killed_run_resumes_to_the_store_a_clean_run_makes(tmp_path):
     assert a.keys() == b.keys()
     for digest in a:
         np.testing.assert_allclose(a[digest], b[digest], rtol=1e-4, atol=1e-5)
+
+
+def grow(root: Path, count: int = 3) -> None:
+    """`count` new images in an existing class (a sub-folder of it: same class, new paths)."""
+    write_colour_images(root / "red" / "more", (200, 40, 40), count, seed=7)
+
+
+@pytest.mark.parametrize("name", ["f.h5", "f.zarr"])
+def test_a_grown_dataset_appends_its_new_rows_and_rewrites_none(tmp_path, colours, name):
+    settings = ExtractionSettings(**SETTINGS)
+    first = extract_features(prepared(colours), tmp_path / name, settings)
+    before = read_contents(first.store)
+    old = read_features(first.store, np.arange(first.store.n_rows))
+    inode = os.stat(tmp_path / name).st_ino
+    grow(colours)
+    manifest = prepared(colours)
+    second = extract_features(manifest, tmp_path / name, settings)
+    assert (second.images_extracted, second.images_reused) == (3, 20)
+    assert os.stat(tmp_path / name).st_ino == inode  # grown in place, not written anew and renamed over
+    after = read_contents(second.store)
+    n = first.store.n_rows
+    assert after.paths[:n] == before.paths and after.hashes[:n] == before.hashes  # old rows stay where they were
+    assert sorted(after.paths[n:]) == sorted(r.path for r in manifest.records if r.path.startswith("red/more/"))
+    np.testing.assert_array_equal(read_features(second.store, np.arange(n)), old)
+    listed = {r.path: r for r in manifest.records}
+    assert [after.label_names[i] for i in after.labels] == [listed[p].label for p in after.paths]
+    assert after.split == [listed[p].split for p in after.paths]
+    assert second.store.attrs["manifest_fingerprint"] == manifest.fingerprint() and not second.store.interrupted
+    assert not list(tmp_path.glob(".*appending")) and not list(tmp_path.glob("*.parts"))
+    again = extract_features(prepared(colours), tmp_path / name, settings)
+    assert again.cached  # the grown store is complete for the grown manifest
+
+
+KILLED_APPEND = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from transfer_flow.storage import feature_store
+    from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
+    from transfer_flow.tasks.hashing import hash_manifest
+    from transfer_flow.tasks.listing import list_dataset
+    from transfer_flow.tasks.splitting import split_manifest
+
+    real = feature_store.StoreAppender.append
+    def append_then_die(self, *args, **kwargs):
+        real(self, *args, **kwargs)  # rows written, not committed
+        self._arrays.flush() if sys.argv[3] == "flushed" else None
+        os.kill(os.getpid(), signal.SIGKILL)
+    feature_store.StoreAppender.append = append_then_die
+    manifest, _ = hash_manifest(list_dataset(Path(sys.argv[1]), seed=0))
+    manifest = split_manifest(manifest, test_size=0.25, seed=0)
+    settings = ExtractionSettings(backbone="mobilenet_v2", weights="none", image_size=32, pooling="avg")
+    extract_features(manifest, Path(sys.argv[2]), settings)
+""")
+
+
+@pytest.mark.parametrize("name,when", [("f.h5", "flushed"), ("f.h5", "unflushed"), ("f.zarr", "written")])
+def test_an_append_killed_midway_is_resumed_to_the_grown_store(tmp_path, colours, name, when):
+    settings = ExtractionSettings(**SETTINGS)
+    store = tmp_path / name
+    first = extract_features(prepared(colours), store, settings)
+    old = rows_by_hash(first.store)
+    grow(colours)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    killed = subprocess.run([sys.executable, "-c", KILLED_APPEND, str(colours), str(store), when], env=env)
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / f".{name}.appending").exists()  # the journal says an append was under way
+
+    manifest = prepared(colours)
+    plan_store = extract_features.__globals__["_existing_store"](store)
+    assert plan_store.interrupted and plan_store.committed == 20  # never taken for a complete store
+    resumed = extract_features(manifest, store, settings)
+    assert resumed.images_extracted + resumed.images_reused == 23  # the new rows came from committed shards
+    assert resumed.images_extracted in ((0, 20) if when == "unflushed" else (0,))  # (HDF5: the old ones may not)
+    contents = read_contents(resumed.store)
+    assert sorted(contents.paths) == sorted(r.path for r in manifest.records)
+    assert resumed.store.n_rows == 23 and not resumed.store.interrupted
+    new = rows_by_hash(resumed.store)
+    for digest in old:
+        np.testing.assert_allclose(new[digest], old[digest], rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / f".{name}.appending").exists() and not list(tmp_path.glob("*.parts"))
+
+
+def test_a_store_an_interrupted_append_left_unreadable_is_rebuilt(tmp_path, colours):
+    settings = ExtractionSettings(**SETTINGS)
+    extract_features(prepared(colours), tmp_path / "f.h5", settings)
+    (tmp_path / "f.h5").write_bytes(b"\0" * 4096)  # what a kill mid-write could leave of HDF5's metadata
+    (tmp_path / ".f.h5.appending").write_text('{"rows_committed": 20}')
+    rebuilt = extract_features(prepared(colours), tmp_path / "f.h5", settings)
+    assert (rebuilt.images_extracted, rebuilt.store.n_rows) == (20, 20)
+    assert not (tmp_path / ".f.h5.appending").exists()
+    (tmp_path / "f.h5").write_bytes(b"\0" * 4096)  # without a journal it is not ours to replace
+    with pytest.raises(OutputExistsError):
+        extract_features(prepared(colours), tmp_path / "f.h5", settings)
+
+
+WARM_RERUN = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from transfer_flow.tasks.extraction import ExtractionSettings, assemble_store, plan_extraction
+    from transfer_flow.tasks.hashing import hash_manifest
+    from transfer_flow.tasks.listing import list_dataset
+    from transfer_flow.tasks.splitting import split_manifest
+
+    manifest, _ = hash_manifest(list_dataset(Path(sys.argv[1]), seed=0))
+    manifest = split_manifest(manifest, test_size=0.25, seed=0)
+    settings = ExtractionSettings(backbone="mobilenet_v2", weights="none", image_size=32, pooling="avg")
+    plan = plan_extraction(manifest, Path(sys.argv[2]), settings)
+    result = assemble_store(manifest, Path(sys.argv[2]), plan)
+    print(len(plan.todo), result.cached, sorted(m for m in ("tensorflow", "keras") if m in sys.modules))
+""")
+
+
+def test_a_rerun_with_nothing_to_extract_imports_no_tensorflow(tmp_path, colours):
+    extract_features(prepared(colours), tmp_path / "f.h5", ExtractionSettings(**SETTINGS))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-c", WARM_RERUN, str(colours), str(tmp_path / "f.h5")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "0 True []"  # nothing to do, store kept, no TensorFlow, no Keras
