@@ -37,7 +37,7 @@ def compare_heads(settings: CompareSettings) -> ComparisonSummary:
             head_layout = layout.model_copy(update={"root": str(stages.head_folder(layout, head))})
             training = stages.trained_bundle(extraction, head_layout, settings.training(head),
                                              settings.refreshes("train"))
-            result = stages.evaluation(training, extraction)
+            result = stages.evaluation(training, extraction, head_layout, settings.refreshes("report"))
             metrics, report_cached = stages.report(result, extraction, training, head_layout,
                                                    settings.refreshes("report"))
             scores.append(stages.head_score(result, training, head_layout))

@@ -102,7 +102,7 @@ def transfer_learning(settings: PipelineSettings) -> RunSummary:
         training = stages.trained_bundle(features.extraction, features.layout, settings.training(),
                                          settings.refreshes("train"))
         trained = time.perf_counter()
-        result = stages.evaluation(training, features.extraction)
+        result = stages.evaluation(training, features.extraction, features.layout, settings.refreshes("report"))
         metrics, report_cached = stages.report(result, features.extraction, training, features.layout,
                                                settings.refreshes("report"))
         summary = run_summary_of(features, training, result, metrics, report_cached, features.layout,

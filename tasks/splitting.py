@@ -9,7 +9,9 @@ classes get two exact-count corrections so that every class has at least one tes
 from __future__ import annotations
 
 import hashlib
-from collections import Counter, defaultdict
+from collections import Counter
+
+import numpy as np
 
 from transfer_flow.storage.errors import DatasetError, SettingsError
 from transfer_flow.storage.manifest import ImageRecord, Manifest
@@ -38,17 +40,20 @@ def split_manifest(manifest: Manifest, *, test_size: float, seed: int) -> Manife
                            f"images and 1 test image): {listed}")
     if any(not r.content_hash for r in manifest.records):
         raise ValueError("split_manifest needs content hashes: run transfer_flow.tasks.hashing.hash_manifest first")
-    by_class: dict[str, list[ImageRecord]] = defaultdict(list)
-    for record in manifest.records:
-        by_class[record.label].append(record)
-    assignment: dict[str, str] = {}
-    for records in by_class.values():
-        ranked = sorted(records, key=lambda r: (hash_unit(r.content_hash, seed), r.path))
-        n_test = sum(hash_unit(r.content_hash, seed) < test_size for r in ranked)
-        n_test = min(max(n_test, 1), len(ranked) - MIN_TRAIN_PER_CLASS)
-        for i, record in enumerate(ranked):
-            assignment[record.path] = "test" if i < n_test else "train"
-    records = [r.model_copy(update={"split": assignment[r.path]}) for r in manifest.records]
+    # Vectorised (one hash per image, one sort): at 20,000 images the per-record Python of a class-by-class sort
+    # and a pydantic copy per record took ~3 s of every rerun.
+    class_of = {name: i for i, name in enumerate(sorted(counts))}
+    labels = np.fromiter((class_of[r.label] for r in manifest.records), np.int64, len(manifest.records))
+    units = np.fromiter((hash_unit(r.content_hash, seed) for r in manifest.records), np.float64, len(labels))
+    ranked = np.lexsort((np.array([r.path for r in manifest.records]), units, labels))  # by class, unit, path
+    sizes = np.bincount(labels, minlength=len(class_of))
+    rank = np.empty(len(labels), np.int64)
+    rank[ranked] = np.arange(len(labels)) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # position within its class
+    n_test = np.minimum(np.maximum(np.bincount(labels, weights=units < test_size, minlength=len(sizes)), 1),
+                        sizes - MIN_TRAIN_PER_CLASS).astype(np.int64)
+    is_test = rank < n_test[labels]
+    records = [ImageRecord(**{**r.__dict__, "split": "test" if test else "train"})
+               for r, test in zip(manifest.records, is_test.tolist())]
     return manifest.model_copy(update={"records": records})
 
 

@@ -178,8 +178,18 @@ def trained_bundle(extraction: ExtractionResult, layout: OutputLayout, settings:
     return result
 
 
-@task(name="evaluate", cache_policy=NONE)
-def evaluation(training: TrainingResult, extraction: ExtractionResult) -> Evaluation:
+def _evaluation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    if parameters["refresh"]:
+        return None
+    key = report_key(parameters["training"].bundle, parameters["extraction"].store)
+    layout: OutputLayout = parameters["layout"]
+    return f"evaluate-{layout.root}-{key}" if read_report_key(layout.report) == key else None
+
+
+@task(name="evaluate", cache_key_fn=_evaluation_cache_key, **CACHED_RESULTS)
+def evaluation(training: TrainingResult, extraction: ExtractionResult, layout: OutputLayout,
+               refresh: bool) -> Evaluation:
+    """Score the head on the test rows; reused while the report on disk records the same head on the same rows."""
     return evaluate_bundle(training.bundle, extraction.store, n_train=training.n_train)
 
 

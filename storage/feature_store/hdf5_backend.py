@@ -128,7 +128,13 @@ class Reader:
         return self._file["view"][:stop] if "view" in self._file else np.zeros(self.shape()[0], np.int64)[:stop]
 
     def rows(self, increasing: np.ndarray) -> np.ndarray:
-        return self._file["features"][increasing]  # h5py reads strictly increasing indices only
+        features = self._file["features"]
+        if len(increasing) and increasing[-1] - increasing[0] < 4 * len(increasing):
+            # Dense enough: one slab read, then picked in memory. h5py's point selection costs ~0.1 ms a row
+            # (a 200-row block of train rows: 30 ms against 1 ms), and memory stays within 4x of what was asked.
+            start = int(increasing[0])
+            return features[start:int(increasing[-1]) + 1][increasing - start]
+        return features[increasing]  # h5py reads strictly increasing indices only
 
     def close(self) -> None:
         self._file.close()
