@@ -5,6 +5,7 @@ import os
 import time
 
 from prefect import flow, unmapped
+from prefect.utilities.annotations import quote
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel
 
@@ -54,17 +55,20 @@ def extracted_features(settings: PipelineSettings) -> ExtractedFeatures:
     started = time.perf_counter()
     layout = stages.claimed_output(settings.output, settings.dataset, settings.store, settings.overwrite)
     manifest, hashing = stages.listed_manifest(settings.dataset, settings.seed, layout, settings.refreshes("hash"))
-    manifest = stages.split(manifest, settings.test_size, settings.seed)
+    # quote(): Prefect would otherwise walk (and rebuild) every image record of a parameter looking for futures,
+    # twice per task: seconds at 20,000 images, for values that never hold one.
+    manifest = stages.split(quote(manifest), settings.test_size, settings.seed)
     listed = time.perf_counter()
-    plan = stages.extraction_plan(manifest, layout, settings.extraction(), settings.refreshes("extract"))
+    plan = stages.extraction_plan(quote(manifest), layout, settings.extraction(), settings.refreshes("extract"))
     if settings.distributed() and plan.todo:
         with shared_with_workers(), dask_task_runner(settings) as runner:  # shards as Prefect tasks on Dask workers
-            shards = runner.map(stages.extracted_shard, {"records": plan.shards(settings.shard_images),
-                                                         "root": unmapped(manifest.root), "plan": unmapped(plan)})
+            shards = runner.map(stages.extracted_shard, {
+                "records": [quote(shard) for shard in plan.shards(settings.shard_images)],
+                "root": unmapped(manifest.root), "plan": unmapped(quote(plan))})
             shards.result()
     elif plan.todo:
-        stages.extracted_shard(plan.todo, manifest.root, plan)  # one stream, decode overlapped, in this process
-    extraction = stages.feature_store(manifest, layout, plan)
+        stages.extracted_shard(quote(plan.todo), manifest.root, quote(plan))  # one stream, decode overlapped, here
+    extraction = stages.feature_store(quote(manifest), layout, quote(plan))
     return ExtractedFeatures(layout=layout, manifest=manifest, hashing=hashing, extraction=extraction,
                              list_seconds=listed - started, extract_seconds=time.perf_counter() - listed)
 
