@@ -19,7 +19,7 @@ def search_folds(labels: np.ndarray, is_val: np.ndarray, cv_folds: int, seed: in
 
 
 def grid_search(estimator, c_grid: list[float], features: np.ndarray, labels: np.ndarray, is_val: np.ndarray,
-                cv_folds: int, seed: int, max_iter: int, *, warn_unconverged: bool = True) -> tuple[object, dict]:
+                cv_folds: int, seed: int, max_iter: int) -> tuple[object, dict]:
     """C chosen by cross-validation (or on val/), then refitted on all rows."""
     # n_jobs=-1: one single-threaded fit per core ran 6x faster here than sequential fits on threaded BLAS.
     search = GridSearchCV(estimator, {"C": c_grid}, cv=search_folds(labels, is_val, cv_folds, seed), n_jobs=-1)
@@ -28,7 +28,7 @@ def grid_search(estimator, c_grid: list[float], features: np.ndarray, labels: np
         # max_iter prints a ConvergenceWarning of its own (15 in a compare); what matters is the model kept.
         warnings.simplefilter("ignore", ConvergenceWarning)
         search.fit(features, labels)
-    if warn_unconverged and np.max(search.best_estimator_.n_iter_) >= max_iter:
+    if np.max(search.best_estimator_.n_iter_) >= max_iter:
         stage_logger().warning("train: the final fit (C=%g) stopped at max_iter=%d before converging: its scores "
                                "stand, but its weights are not the optimum", search.best_params_["C"], max_iter)
     return search.best_estimator_, {"best_params": {"C": float(search.best_params_["C"])},
