@@ -62,9 +62,9 @@ def extracted_features(settings: PipelineSettings) -> ExtractedFeatures:
     plan = stages.extraction_plan(quote(manifest), layout, settings.extraction(), settings.refreshes("extract"))
     if settings.distributed() and plan.todo:
         with shared_with_workers(), dask_task_runner(settings) as runner:  # shards as Prefect tasks on Dask workers
-            shards = runner.map(stages.extracted_shard, {
-                "records": [quote(shard) for shard in plan.shards(settings.shard_images)],
-                "root": unmapped(manifest.root), "plan": unmapped(quote(plan))})
+            # (Not quoted: map hands an annotation inside unmapped() to the task as is.)
+            shards = runner.map(stages.extracted_shard, {"records": plan.shards(settings.shard_images),
+                                                         "root": unmapped(manifest.root), "plan": unmapped(plan)})
             shards.result()
     elif plan.todo:
         stages.extracted_shard(quote(plan.todo), manifest.root, quote(plan))  # one stream, decode overlapped, here
