@@ -22,7 +22,7 @@ from transfer_flow.storage.extraction_record import WeightsRecord
 from transfer_flow.tasks import efficientnet_lite
 
 Pooling = Literal["flatten", "avg", "max"]
-Precision = Literal["float32", "bfloat16", "float16"]
+Precision = Literal["float32", "bfloat16", "float16", "int8"]  # which runtime has which: tasks/runtimes
 WeightsSource = Literal["path", "keras-cache", "offline-package", "download", "random"]
 
 
@@ -36,7 +36,7 @@ class BackboneSpec:
     channels: int  # channels of the last feature map (the pooled feature dimension)
     total_stride: int  # the feature map is ceil(size / total_stride) on each side
     preprocessing: str  # recorded in the store and bundle; `preprocess` implements it
-    default_precision: Precision  # fastest measured on this project's CPU; see BENCHMARKS.md
+    default_precision: Precision  # TensorFlow's fastest measured on this project's CPU; see BENCHMARKS.md
     # --head finetune: how many of the backbone's top layers (counted from its output) train by default
     finetune_layers: int
     build_base: Callable[[tuple[int, int, int], str | None], object]  # (input_shape, weights file) -> keras.Model
@@ -237,8 +237,8 @@ def gpu_available() -> bool:
 
 
 def resolve_precision(spec: BackboneSpec, requested: Precision | None) -> Precision:
-    """The user's choice; else float16 on a GPU; else the backbone's measured CPU default where the CPU
-    has native bf16; else float32 (emulated bf16 is slower than fp32)."""
+    """TensorFlow's (tasks/runtimes has every runtime's): the user's choice; else float16 on a GPU; else the
+    backbone's measured CPU default where the CPU has native bf16; else float32 (emulated bf16 is slower)."""
     if requested is not None:
         return requested
     if gpu_available():
