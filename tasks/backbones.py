@@ -64,12 +64,21 @@ def _keras_app(module: str, constructor: str) -> Callable[[tuple[int, int, int],
     return build
 
 
-def _keras_preprocess(module: str) -> Callable[[np.ndarray], np.ndarray]:
-    def preprocess(batch: np.ndarray) -> np.ndarray:
-        import keras
+_IMAGENET_BGR_MEAN = np.array([103.939, 116.779, 123.68], np.float32)
 
-        # Copy to float32 first: some preprocess_input functions work in place on float input.
-        return getattr(keras.applications, module).preprocess_input(batch.astype(np.float32))
+
+def _keras_preprocess(module: str) -> Callable[[np.ndarray], np.ndarray]:
+    """keras.applications.<module>.preprocess_input, in numpy: a cached OpenVINO model then runs with no Keras
+    (no TensorFlow) import, ~3 s of every start. tests/tasks/test_backbones.py checks each against Keras'."""
+    mode = {"vgg16": "caffe", "resnet50": "caffe", "efficientnet": "none"}.get(module, "tf")
+
+    def preprocess(batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.float32)  # a copy for uint8 input; the input is never changed
+        if mode == "caffe":
+            return batch[..., ::-1] - _IMAGENET_BGR_MEAN
+        if mode == "tf":
+            return batch / 127.5 - 1.0
+        return batch.copy() if batch.dtype == np.float32 else batch
 
     return preprocess
 

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +12,14 @@ from PIL import Image
 from pydantic import ValidationError
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from transfer_flow.flows.cli import EXIT_USER_ERROR, main
 from transfer_flow.storage.compiled_models import ENTRY_FILE
 from transfer_flow.storage.feature_store import read_contents, read_features
+from transfer_flow.tasks import extraction
 from transfer_flow.tasks.backbones import cpu_supports_bf16
 from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
 from transfer_flow.tasks.hashing import hash_manifest
@@ -79,10 +80,11 @@ def rows(result):
 
 
 def probe_accuracy(result) -> float:
-    _, features, labels, split = rows(result)
-    train, test = split == "train", split == "test"
-    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(features[train], labels[train])
-    return head.score(features[test], labels[test])
+    """Mean 5-fold accuracy over all 1,000 rows: one 400-image split moves by ±2 points between runtimes
+    either way (bf16 rows differ from f32 by ~5% relative), five folds measure the systematic cost."""
+    _, features, labels, _ = rows(result)
+    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
+    return cross_val_score(head, features, labels, cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean()
 
 
 def test_openvino_float32_gives_tensorflows_rows(stores):
@@ -121,7 +123,8 @@ def test_the_next_process_uses_the_cached_model_without_tensorflow(stores, digit
     program = textwrap.dedent(f"""
         import sys, numpy as np
         from transfer_flow.storage.manifest import Manifest
-        from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
+        from transfer_flow.tasks import extraction
+from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
         manifest = Manifest.model_validate_json(sys.stdin.read())
         settings = ExtractionSettings(**{LITE!r}, runtime="openvino", precision="float32")
         result = extract_features(manifest, sys.argv[1], settings, refresh=True)  # re-extracts every row
@@ -151,7 +154,9 @@ def test_int8_is_refused_on_tensorflow_in_one_line(tmp_path, capsys):
     assert "int8" in line and "tensorflow" in line
 
 
-def test_a_damaged_cached_model_is_rebuilt_with_a_warning(stores, compiled_models, digits, tmp_path, caplog):
+def test_a_damaged_cached_model_is_rebuilt_with_a_warning(stores, compiled_models, digits, tmp_path, caplog,
+                                                          monkeypatch):
+    monkeypatch.setattr(extraction, "_EXTRACTORS", {})  # as in a new process: the model is loaded again
     [folder] = [f for f in compiled_models.iterdir()
                 if not json.loads((f / ENTRY_FILE).read_text())["calibration_hashes"]]
     with (folder / "model.bin").open("r+b") as model:  # flip bytes in the weights: same size, other content
