@@ -122,8 +122,7 @@ def test_the_next_process_uses_the_cached_model_without_tensorflow(stores, digit
     program = textwrap.dedent(f"""
         import sys, numpy as np
         from transfer_flow.storage.manifest import Manifest
-        from transfer_flow.tasks import extraction
-from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
+        from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
         manifest = Manifest.model_validate_json(sys.stdin.read())
         settings = ExtractionSettings(**{LITE!r}, runtime="openvino", precision="float32")
         result = extract_features(manifest, sys.argv[1], settings, refresh=True)  # re-extracts every row
