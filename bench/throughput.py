@@ -2,6 +2,11 @@
 """Extraction throughput (issue #5): the classic recipe vs this pipeline on the same photos and backbone.
 
     .venv/bin/python bench/throughput.py [--images 192] [--backbone vgg16] [--memory-images 0]
+    .venv/bin/python bench/throughput.py --runtimes tensorflow,auto [--precision int8] [--dataset demo|photos]
+
+With --runtimes, each runtime's rate is that of a rerun with `--refresh extract` (the first run converts,
+calibrates and caches the model once: its extract seconds are reported apart as the one-time cost); on
+`--dataset demo` (1,797 digits, ImageNet weights) there is no classic-recipe side.
 
 Prints images/s for the classic recipe (../shared/baseline/seed_pipeline.py extract) and for
 `transfer-flow run` (its run.json: seconds.extract covers decode, inference and store writes),
@@ -91,26 +96,54 @@ def photos(folder: Path, n: int) -> Path:
     return folder
 
 
-def pipeline(dataset: Path, output: Path, backbone: str, env: dict[str, str]) -> tuple[dict, float | None, float]:
+def pipeline(dataset: Path, output: Path, backbone: str, env: dict[str, str], *extra: str,
+             refresh: str = "all", weights: str = "none") -> tuple[dict, float | None, float]:
     wall, first, rss, _ = measured(
-        [
-            str(REPO / ".venv/bin/transfer-flow"),
-            "run",
-            str(dataset),
-            "--output",
-            str(output),
-            "--backbone",
-            backbone,
-            "--weights",
-            "none",
-            "--refresh",
-            "all",
-            "--overwrite",
-        ],
+        [str(REPO / ".venv/bin/transfer-flow"), "run", str(dataset), "--output", str(output), "--backbone", backbone,
+         "--weights", weights, "--refresh", refresh, "--overwrite", *extra],
         env,
         first_batch=r"extract: \d+/\d+ images",
     )
     return json.loads((output / "run.json").read_text()), first, rss
+
+
+def demo_dataset(folder: Path) -> Path:
+    if not folder.is_dir():
+        sys.path.insert(0, str(REPO))
+        from transfer_flow.storage.demo_dataset import write_digits_dataset
+
+        write_digits_dataset(folder)
+    return folder
+
+
+def compare_runtimes(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """Each runtime: a first run (converts and caches once), then a rerun with --refresh extract (the rate)."""
+    if args.dataset == "demo":
+        data, weights = demo_dataset(args.workdir / "demo-digits"), "imagenet"
+    else:
+        data, weights = photos(args.workdir / f"photos-{args.images}", args.images), "none"
+    rows = []
+    if args.dataset == "photos":
+        _, _, _, out = measured(
+            [PYTHON, str(SHARED / "baseline" / "seed_pipeline.py"), "extract", str(data),
+             str(args.workdir / "classic.h5"), "--weights", "none"], env)
+        rows.append(("classic recipe (fp32 model.predict)", float(re.search(r"images/s: ([\d.]+)", out).group(1)),
+                     None, ""))
+    for runtime in args.runtimes.split(","):
+        extra = ["--runtime", runtime] + (["--precision", args.precision] if args.precision and runtime != "tensorflow"
+                                          else [])
+        output = args.workdir / f"runtime-{args.dataset}-{args.backbone}-{runtime}-{args.precision or 'auto'}"
+        first, _, _ = pipeline(data, output, args.backbone, env, *extra, refresh="all", weights=weights)
+        again, _, _ = pipeline(data, output, args.backbone, env, *extra, refresh="extract", weights=weights)
+        rows.append((f"{runtime} -> {again['runtime']} {again['precision']}",
+                     again["images_extracted"] / again["seconds"]["extract"], first["seconds"]["extract"]
+                     - again["seconds"]["extract"], f"accuracy {again['accuracy']:.4f}"))
+    print(f"machine: {os.cpu_count()} CPUs; backbone {args.backbone}; dataset {data.name} ({weights} weights)")
+    for name, rate, once, note in rows:
+        ratio = rate / rows[0][1]
+        print(f"{name:<40} {rate:7.2f} img/s  {ratio:5.2f}x the first row"
+              + (f"  (first run +{once:.1f} s: conversion/calibration/compile)" if once is not None else "")
+              + (f"  {note}" if note else ""))
 
 
 def main() -> None:
@@ -119,8 +152,13 @@ def main() -> None:
     parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--memory-images", type=int, default=0, help="also run the pipeline on this many images")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "throughput")
+    parser.add_argument("--runtimes", help="comma-separated runtimes to compare (auto, tensorflow, openvino)")
+    parser.add_argument("--precision", help="with --runtimes: the precision asked of the non-TensorFlow runtimes")
+    parser.add_argument("--dataset", choices=["photos", "demo"], default="photos")
     args = parser.parse_args()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if args.runtimes:
+        return compare_runtimes(args, env)
     data = photos(args.workdir / f"photos-{args.images}", args.images)
 
     classic_wall, _, classic_rss, out = measured(

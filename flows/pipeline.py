@@ -85,7 +85,7 @@ def run_summary_of(features: ExtractedFeatures, training: TrainingResult, result
         images_ignored=sum(manifest.ignored.values()), ignored_by_reason=manifest.ignored,
         dropped_classes=manifest.dropped_classes, classes=manifest.class_names,
         backbone=metrics.backbone, weights_source=metrics.weights_source, precision=extraction.precision,
-        image_size=metrics.image_size, pooling=metrics.pooling,
+        runtime=metrics.runtime, image_size=metrics.image_size, pooling=metrics.pooling,
         accuracy=result.accuracy, macro_f1=result.macro_f1, images_hashed=features.hashing.images_hashed,
         cached=StageCached(extract=extraction.cached, train=training.cached, report=report_cached),
         seconds=StageSeconds(list=features.list_seconds, extract=features.extract_seconds, train=train_seconds,

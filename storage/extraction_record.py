@@ -4,8 +4,8 @@
 Training copies it from the store into the bundle, evaluation checks a bundle against a store with it,
 prediction rebuilds the extractor from it. On disk it is flat scalars (readable with h5dump or a zarr
 listing): the backbone's name, the weights' source and file, image size, pooling, compute precision,
-preprocessing, resize, stored feature dtype, and the augmented views of each training image (how many,
-by which recipe and seed).
+preprocessing, resize, stored feature dtype, the augmented views of each training image (how many,
+by which recipe and seed), the runtime that ran the backbone and, for int8, the calibration set's identity.
 """
 from __future__ import annotations
 
@@ -39,10 +39,12 @@ class ExtractionRecord(BaseModel):
     feature_dtype: str = Field(default="float32", description="How the features are stored (float16 rounds).")
     augment: int = Field(default=0, description="Augmented views stored per training image (0: none).")
     augment_recipe: str = Field(default="", description="How a view is made, with its seed (empty: no views).")
+    runtime: str = Field(default="tensorflow", description="What ran the backbone (before runtimes: TensorFlow).")
+    calibration: str = Field(default="", description="Identity of the int8 calibration images (empty: not int8).")
 
 
 _SCALARS = ("backbone", "image_size", "pooling", "precision", "preprocessing", "resize", "feature_dtype", "augment",
-            "augment_recipe")
+            "augment_recipe", "runtime", "calibration")
 
 
 def record_attrs(record: ExtractionRecord) -> dict[str, str | int]:

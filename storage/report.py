@@ -78,7 +78,7 @@ def summary_markdown(metrics: ReportMetrics) -> str:
         f"- train / test images: {metrics.n_train} / {metrics.n_test}",
         f"- best {_params_text(metrics.best_params)}",
         f"- weights: {metrics.weights_source}; image size {metrics.image_size}, pooling {metrics.pooling}, "
-        f"precision {metrics.precision}, features stored as {metrics.feature_dtype}",
+        f"runtime {metrics.runtime}, precision {metrics.precision}, features stored as {metrics.feature_dtype}",
     ])
 
 
@@ -216,8 +216,8 @@ def report_html(metrics: ReportMetrics, pictures: dict[str, bytes],
     settings = [("head", metrics.head), ("best", _params_text(metrics.best_params)),
                 ("backbone", metrics.backbone), ("weights", metrics.weights_source),
                 ("image size", metrics.image_size), ("pooling", metrics.pooling),
-                ("precision", metrics.precision), ("features", f"{metrics.feature_dim}-d, stored as "
-                                                                   f"{metrics.feature_dtype}"),
+                ("runtime", metrics.runtime), ("precision", metrics.precision),
+                ("features", f"{metrics.feature_dim}-d, stored as {metrics.feature_dtype}"),
                 ("feature store", metrics.store)]
     return _templates().get_template(HTML_TEMPLATE).render(
         m=metrics, cards=cards, notes=baseline_lines(metrics)[1:], settings=settings,

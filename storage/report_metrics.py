@@ -86,6 +86,7 @@ class ReportMetrics(BaseModel):
     image_size: int
     pooling: str
     precision: str
+    runtime: str = Field(default="tensorflow", description="What ran the backbone (reports before runtimes: TF).")
     feature_dim: int
     feature_dtype: str = "float32"
     store: str

@@ -45,6 +45,7 @@ class RunSummary(BaseModel):
     backbone: str
     weights_source: str
     precision: str
+    runtime: str = Field(description="What ran the backbone: tensorflow, openvino.")
     image_size: int
     pooling: str
     accuracy: float

@@ -23,7 +23,7 @@ from transfer_flow.storage.extraction_record import WeightsRecord
 from transfer_flow.tasks import efficientnet_lite
 
 Pooling = Literal["flatten", "avg", "max"]
-Precision = Literal["float32", "bfloat16", "float16"]
+Precision = Literal["float32", "bfloat16", "float16", "int8"]  # which runtime has which: tasks/runtimes
 WeightsSource = Literal["path", "keras-cache", "offline-package", "download", "random"]
 
 
@@ -37,7 +37,7 @@ class BackboneSpec:
     channels: int  # channels of the last feature map (the pooled feature dimension)
     total_stride: int  # the feature map is ceil(size / total_stride) on each side
     preprocessing: str  # recorded in the store and bundle; `preprocess` implements it
-    default_precision: Precision  # fastest measured on this project's CPU; see BENCHMARKS.md
+    default_precision: Precision  # TensorFlow's fastest measured on this project's CPU; see BENCHMARKS.md
     # --head finetune: how many of the backbone's top layers (counted from its output) train by default
     finetune_layers: int
     build_base: Callable[[tuple[int, int, int], str | None], object]  # (input_shape, weights file) -> keras.Model
@@ -65,12 +65,21 @@ def _keras_app(module: str, constructor: str) -> Callable[[tuple[int, int, int],
     return build
 
 
-def _keras_preprocess(module: str) -> Callable[[np.ndarray], np.ndarray]:
-    def preprocess(batch: np.ndarray) -> np.ndarray:
-        import keras
+_IMAGENET_BGR_MEAN = np.array([103.939, 116.779, 123.68], np.float32)
 
-        # Copy to float32 first: some preprocess_input functions work in place on float input.
-        return getattr(keras.applications, module).preprocess_input(batch.astype(np.float32))
+
+def _keras_preprocess(module: str) -> Callable[[np.ndarray], np.ndarray]:
+    """keras.applications.<module>.preprocess_input, in numpy: a cached OpenVINO model then runs with no Keras
+    (no TensorFlow) import, ~3 s of every start. tests/tasks/test_backbones.py checks each against Keras'."""
+    mode = {"vgg16": "caffe", "resnet50": "caffe", "efficientnet": "none"}.get(module, "tf")
+
+    def preprocess(batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.float32)  # a copy for uint8 input; the input is never changed
+        if mode == "caffe":
+            return batch[..., ::-1] - _IMAGENET_BGR_MEAN
+        if mode == "tf":
+            return batch / 127.5 - 1.0
+        return batch.copy() if batch.dtype == np.float32 else batch
 
     return preprocess
 
@@ -248,8 +257,8 @@ def gpu_available() -> bool:
 
 
 def resolve_precision(spec: BackboneSpec, requested: Precision | None) -> Precision:
-    """The user's choice; else float16 on a GPU; else the backbone's measured CPU default where the CPU
-    has native bf16; else float32 (emulated bf16 is slower than fp32)."""
+    """TensorFlow's (tasks/runtimes has every runtime's): the user's choice; else float16 on a GPU; else the
+    backbone's measured CPU default where the CPU has native bf16; else float32 (emulated bf16 is slower)."""
     if requested is not None:
         return requested
     if gpu_available():

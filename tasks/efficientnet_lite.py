@@ -120,6 +120,8 @@ def preprocess_input(x: ArrayLike) -> ArrayLike:
 
     Numpy (or anything array-like) in, numpy out; a tensor in, a tensor out.
     """
+    if isinstance(x, np.ndarray):  # no Keras import: a cached OpenVINO model runs without TensorFlow
+        return (x.astype(np.float32) - 127.0) / 128.0
     import keras
 
     if keras.ops.is_tensor(x):

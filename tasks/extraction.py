@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from tqdm import tqdm
 
 from transfer_flow.storage.content_keys import content_key, package_version
@@ -41,13 +41,20 @@ from transfer_flow.tasks.backbones import (
     Pooling,
     Precision,
     ResolvedWeights,
-    build_feature_model,
     get_backbone,
-    resolve_precision,
     resolve_weights,
 )
 from transfer_flow.tasks.images import decoded_batches
 from transfer_flow.tasks.logs import stage_logger
+from transfer_flow.tasks.runtimes import (
+    RUNTIMES,
+    ForwardRequest,
+    RuntimeChoice,
+    get_runtime,
+    resolve_runtime,
+    resolve_runtime_precision,
+)
+from transfer_flow.tasks.runtimes.calibration import CalibrationImages, calibration_images
 
 
 class ExtractionSettings(BaseModel):
@@ -70,8 +77,15 @@ class ExtractionSettings(BaseModel):
         description="How the last feature map becomes a vector: flatten (the classic recipe; VGG16 at 224: 25,088-d), "
         "avg or max.",
     )
+    runtime: RuntimeChoice = Field(
+        default="auto",
+        description="What runs the backbone: auto (OpenVINO on a CPU where installed; TensorFlow on a GPU or "
+        "without OpenVINO), " + ", ".join(f"{name} ({spec.description})" for name, spec in RUNTIMES.items()) + ".",
+    )
     precision: Precision | None = Field(
-        default=None, description="Compute precision; empty: the backbone's fastest measured (see BENCHMARKS.md)."
+        default=None,
+        description="Compute precision; empty: the fastest measured for the backbone and runtime (see BENCHMARKS.md). "
+        "int8 (OpenVINO only): quantised after calibrating on a few hundred training images.",
     )
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per inference call.")
     feature_dtype: FeatureDtype = Field(
@@ -91,8 +105,20 @@ class ExtractionSettings(BaseModel):
     def resolved_size(self) -> int:
         return self.image_size or get_backbone(self.backbone).native_size
 
+    def resolved_runtime(self) -> str:
+        return resolve_runtime(self.runtime)
+
     def resolved_precision(self) -> Precision:
-        return resolve_precision(get_backbone(self.backbone), self.precision)
+        return resolve_runtime_precision(get_backbone(self.backbone), self.precision, self.resolved_runtime())
+
+    @model_validator(mode="after")
+    def _precision_the_runtime_has(self):
+        # Checked here so an impossible pair fails at once, before a server starts (auto is checked once resolved).
+        if self.runtime != "auto" and self.precision is not None:
+            if self.precision not in get_runtime(self.runtime).precisions:
+                raise ValueError(f"--precision {self.precision} is not available with --runtime {self.runtime} "
+                                 f"(it has {', '.join(get_runtime(self.runtime).precisions)})")
+        return self
 
 
 class SkippedImage(BaseModel):
@@ -128,38 +154,46 @@ EXTRACTION_CODE_VERSION = 1  # bump when decoding or feature computation changes
 SHARD_IMAGES = 512  # images per committed shard: the most a killed run can lose
 
 
-def extraction_key(settings: ExtractionSettings, weights: ResolvedWeights) -> str:
-    """Identifies the values of a row: settings, weights identity and code version (never the dataset)."""
+def extraction_key(settings: ExtractionSettings, weights: ResolvedWeights, calibration: str = "") -> str:
+    """Identifies the values of a row: settings, weights identity, runtime, int8 calibration set and code version
+    (never the dataset)."""
     spec = get_backbone(settings.backbone)
     # The recipe (not the number of views) joins the key only when there are views, so stores without views
     # keep their keys, and asking for more views of the same recipe reuses the views already made.
     recipe = [settings.augment_recipe()] if settings.augment else []
+    # Likewise the runtime: TensorFlow's stores keep their keys; other runtimes' rows differ in the last bits.
+    runtime = settings.resolved_runtime()
+    other_runtime = [runtime, calibration] if runtime != "tensorflow" else []
     return content_key(spec.name, weights.identity(), settings.resolved_size(), settings.pooling,
                        settings.resolved_precision(), settings.feature_dtype, spec.preprocessing, RESIZE,
-                       EXTRACTION_CODE_VERSION, package_version(), *recipe)
+                       EXTRACTION_CODE_VERSION, package_version(), *recipe, *other_runtime)
 
 
 class FeatureExtractor:
-    """Batch of uint8 images → float32 features. Picklable: the model is built on first use, per process."""
+    """Batch of uint8 images → float32 features, on the settings' runtime (tasks/runtimes). Picklable: the model is
+    built (or loaded from the compiled-model cache) on first use, per process."""
 
-    def __init__(self, settings: ExtractionSettings, weights: ResolvedWeights):
+    def __init__(self, settings: ExtractionSettings, weights: ResolvedWeights, *, calibration: str = "",
+                 calibration_images: CalibrationImages | None = None):
         self.settings = settings
         self.weights = weights
         self.spec = get_backbone(settings.backbone)
         self.image_size = settings.resolved_size()
         self.feature_dim = self.spec.feature_dim(settings.pooling, self.image_size)
+        self.runtime = settings.resolved_runtime()
+        self.precision = settings.resolved_precision()
+        self.calibration = calibration
+        self.calibration_images = calibration_images
         self._forward = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_forward": None}
 
     def _build(self):
-        import tensorflow as tf
-
-        model = build_feature_model(self.spec, image_size=self.image_size, pooling=self.settings.pooling,
-                                    precision=self.settings.resolved_precision(), weights=self.weights)
-        # A compiled function on fixed-shape batches: model.predict's per-call overhead halves throughput.
-        return tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
+        request = ForwardRequest(backbone=self.spec, image_size=self.image_size, pooling=self.settings.pooling,
+                                 precision=self.precision, weights=self.weights, batch_size=self.settings.batch_size,
+                                 calibration=self.calibration, calibration_images=self.calibration_images)
+        return get_runtime(self.runtime).load().forward(request)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if self._forward is None:
@@ -203,6 +237,7 @@ class ExtractionPlan(BaseModel):
         default=None, description="A store with these settings whose rows can be reused."
     )
     complete: bool = Field(default=False, description="The previous store already holds exactly this manifest.")
+    calibration: CalibrationImages | None = Field(default=None, description="The int8 calibration set, if int8.")
 
     def record(self) -> ExtractionRecord:
         """What the store will say about how its rows were made (bundles trained on it carry the same)."""
@@ -211,7 +246,8 @@ class ExtractionPlan(BaseModel):
                                 pooling=self.settings.pooling, precision=self.settings.resolved_precision(),
                                 preprocessing=spec.preprocessing, resize=RESIZE,
                                 feature_dtype=self.settings.feature_dtype, augment=self.settings.augment,
-                                augment_recipe=self.settings.augment_recipe())
+                                augment_recipe=self.settings.augment_recipe(), runtime=self.settings.runtime,
+                                calibration=self.calibration.identity() if self.calibration else "")
 
     def shards(self, size: int) -> list[list[PendingImage]]:
         return [self.todo[i:i + size] for i in range(0, len(self.todo), size)]
@@ -221,15 +257,17 @@ def plan_extraction(manifest: Manifest, store_path: Path, settings: ExtractionSe
                     refresh: bool = False) -> ExtractionPlan:
     spec = get_backbone(settings.backbone)
     weights = resolve_weights(spec, settings.weights)
-    settings = settings.model_copy(update={"precision": resolve_precision(spec, settings.precision)})
-    key = extraction_key(settings, weights)
+    settings = settings.model_copy(update={"runtime": settings.resolved_runtime()})
+    settings = settings.model_copy(update={"precision": settings.resolved_precision()})
+    calibration = calibration_images(manifest) if settings.precision == "int8" else None
+    key = extraction_key(settings, weights, calibration.identity() if calibration else "")
     existing = _existing_store(store_path)
     previous = (
         existing if not refresh and existing is not None and existing.attrs.get("extraction_key") == key else None
     )
     feature_dim = spec.feature_dim(settings.pooling, settings.resolved_size())
     parts_dir = Path(f"{store_path}.{key}.parts")
-    plan = ExtractionPlan(settings=settings, weights=weights, key=key,
+    plan = ExtractionPlan(settings=settings, weights=weights, key=key, calibration=calibration,
                           feature_dim=feature_dim, parts_dir=str(parts_dir),
                           previous_store=previous.path if previous is not None else None, todo=[])
     if (previous is not None and not previous.interrupted
@@ -261,7 +299,9 @@ def _extractor_for(plan: ExtractionPlan) -> FeatureExtractor:
     """One extractor per process and settings: a Dask worker loads the backbone once for all its shards."""
     with _EXTRACTORS_LOCK:
         if plan.key not in _EXTRACTORS:
-            _EXTRACTORS[plan.key] = FeatureExtractor(plan.settings, plan.weights)
+            _EXTRACTORS[plan.key] = FeatureExtractor(
+                plan.settings, plan.weights, calibration=plan.calibration.identity() if plan.calibration else "",
+                calibration_images=plan.calibration)
         return _EXTRACTORS[plan.key]
 
 

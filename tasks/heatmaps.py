@@ -198,8 +198,10 @@ class BundleExplainer:
         self.names = bundle.metadata.class_names
         self.dtype = np.dtype(bundle.metadata.extraction.feature_dtype)
         self.head = load_head(bundle)
-        self.map_model = feature_map_model(extractor.spec.name, extractor.image_size,
-                                            extractor.settings.resolved_precision(), extractor.weights)
+        # Maps need gradients, so TensorFlow computes them whatever runtime made the rows; int8 is OpenVINO's
+        # alone, and its maps come from the float32 model it was quantised from.
+        precision = "float32" if extractor.precision == "int8" else extractor.precision
+        self.map_model = feature_map_model(extractor.spec.name, extractor.image_size, precision, extractor.weights)
         if bundle.metadata.head_format == "skops" and self.pooling in ("avg", "flatten"):
             self.method: HeatmapMethod = "cam"
             self.weights, self.intercepts = linear_class_weights(self.head, len(self.names))

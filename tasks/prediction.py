@@ -22,6 +22,7 @@ from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decoded_batches
 from transfer_flow.tasks.listing import IMAGE_EXTENSIONS
 from transfer_flow.tasks.logs import stage_logger
+from transfer_flow.tasks.runtimes import RUNTIMES
 
 
 class PredictionRow(BaseModel):
@@ -115,10 +116,15 @@ def bundle_extractor(bundle: ModelBundle, batch_size: int = 32) -> FeatureExtrac
     """The feature extractor the bundle's training features came from."""
     meta, record = bundle.metadata, bundle.metadata.extraction
     _backbone_of(bundle)  # refuses a backbone whose preprocessing changed
+    if record.runtime not in RUNTIMES:
+        raise BundleError(f"Bundle {bundle.path} was extracted with runtime {record.runtime!r}, which this version "
+                          f"does not have ({', '.join(RUNTIMES)})")
+    # The same runtime as the store: features of another runtime differ in the last bits.
     settings = ExtractionSettings(backbone=record.backbone, image_size=record.image_size, pooling=record.pooling,
-                                  precision=record.precision, batch_size=batch_size,
+                                  precision=record.precision, batch_size=batch_size, runtime=record.runtime,
                                   feature_dtype=record.feature_dtype)
-    extractor = FeatureExtractor(settings, recorded_weights(record.weights, f"Bundle {bundle.path}", BundleError))
+    extractor = FeatureExtractor(settings, recorded_weights(record.weights, f"Bundle {bundle.path}", BundleError),
+                                 calibration=record.calibration)
     if extractor.feature_dim != meta.feature_dim:
         raise BundleError(f"Bundle {bundle.path} expects {meta.feature_dim}-d features, {record.backbone} with "
                           f"{record.pooling} pooling at {record.image_size} px gives {extractor.feature_dim}-d")

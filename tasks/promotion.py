@@ -75,7 +75,7 @@ def why_not_comparable(champion: BundleMetadata, challenger: BundleMetadata) -> 
         return _classes_differ(champion, challenger)
     if _weights_identity(old.weights) is None or _weights_identity(new.weights) is None:
         return "random-init weights (--weights none) give different features in every run"
-    for field in ("backbone", "image_size", "pooling", "precision", "preprocessing"):
+    for field in ("backbone", "image_size", "pooling", "precision", "preprocessing", "runtime", "calibration"):
         a, b = getattr(old, field), getattr(new, field)
         if a != b:
             return f"the feature extractors differ ({field}: {a} vs {b})"

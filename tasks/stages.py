@@ -125,9 +125,10 @@ def extraction_plan(
 ) -> ExtractionPlan:
     plan = plan_extraction(manifest, layout.store, settings, refresh=refresh)
     stage_logger().info(
-        "extract: %d images to extract with %s (%s, %s)%s",
+        "extract: %d images to extract with %s (%s, %s, %s)%s",
         len(plan.todo),
         settings.backbone,
+        plan.settings.runtime,
         plan.settings.precision,
         plan.weights.describe(),
         "; the store is up to date" if plan.complete else "",
@@ -208,7 +209,8 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
         macro_f1=result.macro_f1, n_train=result.n_train, n_test=result.n_test,
         best_params=result.best_params, head=spec.head, backbone=record.backbone,
         weights_source=extraction.weights.describe(), image_size=record.image_size, pooling=record.pooling,
-        precision=record.precision, feature_dim=spec.feature_dim, feature_dtype=record.feature_dtype,
+        precision=record.precision, runtime=record.runtime, feature_dim=spec.feature_dim,
+        feature_dtype=record.feature_dtype,
         store=str(extraction.store.path), class_names=result.class_names, per_class=result.per_class,
         confusion=result.confusion, training_score=TrainingScore(name=training.score_name, value=training.cv_score),
         n_misclassified=result.n_misclassified, misclassified=result.misclassified, stage_key=key,

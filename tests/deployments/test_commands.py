@@ -100,8 +100,9 @@ def test_serve_register_only_registers_under_the_current_api(prefect_api, colour
 # A value other than the default for every pipeline option `serve` offers; adding a field to PipelineSettings
 # without one here fails the test below, so a new option cannot be dropped on its way to the deployments.
 SERVE_PIPELINE_VALUES = {
-    "backbone": "mobilenet_v2", "weights": "none", "image_size": 48, "pooling": "max", "precision": "float32",
-    "batch_size": 7, "feature_dtype": "float16", "head": "linear-svm", "store": "zarr", "test_size": 0.3, "seed": 7,
+    "backbone": "mobilenet_v2", "weights": "none", "image_size": 48, "pooling": "max", "runtime": "tensorflow",
+    "precision": "float32", "batch_size": 7, "feature_dtype": "float16", "head": "linear-svm", "store": "zarr",
+    "test_size": 0.3, "seed": 7,
     "refresh": ["train"], "workers": 2, "dask_address": "tcp://127.0.0.1:8786", "shard_images": 64, "augment": 2,
     "epochs": 3, "learning_rate": 0.0005, "unfreeze": 10, "flip": True,
 }

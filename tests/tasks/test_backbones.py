@@ -109,3 +109,14 @@ def test_every_backbone_has_preprocessing_and_sizes():
     for spec in BACKBONES.values():
         assert spec.preprocessing and spec.native_size >= spec.min_size
         assert spec.preprocess(np.full((1, 8, 8, 3), 255, np.uint8)).dtype == np.float32
+
+
+def test_preprocessing_matches_keras_applications():
+    import keras
+
+    modules = {"vgg16": "vgg16", "resnet50": "resnet50", "mobilenet_v2": "mobilenet_v2",
+               "efficientnet_b0": "efficientnet", "inception_v3": "inception_v3", "xception": "xception"}
+    batch = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3)).astype(np.uint8)
+    for name, module in modules.items():
+        expected = getattr(keras.applications, module).preprocess_input(batch.astype(np.float32))
+        np.testing.assert_allclose(get_backbone(name).preprocess(batch), expected, rtol=1e-6, atol=1e-4)

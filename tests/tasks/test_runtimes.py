@@ -1,0 +1,166 @@
+"""Runtimes: OpenVINO gives TensorFlow's rows (fp32) and its accuracy (bf16, int8) on real features; a converted
+model is cached, and the next process uses it without TensorFlow; int8 is OpenVINO's alone."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from transfer_flow.flows.cli import EXIT_USER_ERROR, main
+from transfer_flow.storage.compiled_models import ENTRY_FILE
+from transfer_flow.storage.feature_store import read_contents, read_features
+from transfer_flow.tasks import extraction
+from transfer_flow.tasks.backbones import cpu_supports_bf16
+from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
+from transfer_flow.tasks.hashing import hash_manifest
+from transfer_flow.tasks.listing import list_dataset
+from transfer_flow.tasks.splitting import split_manifest
+
+# Real ImageNet weights (offline), small images: real features at a few seconds per conversion.
+LITE = dict(backbone="efficientnet_lite0", weights="imagenet", image_size=48, pooling="avg", batch_size=50)
+
+
+@pytest.fixture(scope="module")
+def compiled_models(tmp_path_factory):
+    """A cache of this module's own: the first test that needs a model converts it, the others reuse it."""
+    folder = tmp_path_factory.mktemp("compiled-models")
+    previous = os.environ.get("TRANSFER_FLOW_COMPILED_MODELS")
+    os.environ["TRANSFER_FLOW_COMPILED_MODELS"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["TRANSFER_FLOW_COMPILED_MODELS"]
+    else:
+        os.environ["TRANSFER_FLOW_COMPILED_MODELS"] = previous
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """600 real handwritten digits as 64 px PNG files in class folders, listed, hashed and split."""
+    root = tmp_path_factory.mktemp("digits")
+    data = load_digits()
+    for i, (image, label) in enumerate(zip(data.images[:600], data.target[:600])):
+        folder = root / str(label)
+        folder.mkdir(exist_ok=True)
+        pixels = np.kron((image * 255 / 16).astype(np.uint8), np.ones((8, 8), np.uint8))  # 8×8 → 64×64
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    manifest, _ = hash_manifest(list_dataset(root, seed=0))
+    return split_manifest(manifest, test_size=0.4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def stores(digits, compiled_models, tmp_path_factory):
+    """The digits' rows per (runtime, precision), extracted through the real path (plan, decode, runtime)."""
+    folder = tmp_path_factory.mktemp("stores")
+    cases = {"tensorflow/float32": dict(runtime="tensorflow", precision="float32"),
+             "openvino/float32": dict(runtime="openvino", precision="float32"),
+             "openvino/int8": dict(runtime="openvino", precision="int8")}
+    if cpu_supports_bf16():
+        cases["openvino/bfloat16"] = dict(runtime="openvino", precision="bfloat16")
+    return {name: extract_features(digits, folder / f"{name.replace('/', '-')}.h5", ExtractionSettings(**LITE, **c))
+            for name, c in cases.items()}
+
+
+def rows(result):
+    contents = read_contents(result.store)
+    order = np.argsort(contents.hashes)
+    features = read_features(result.store, np.arange(result.store.n_rows))
+    return (np.asarray(contents.hashes)[order], features[order], np.asarray(contents.labels)[order],
+            np.asarray(contents.split)[order])
+
+
+def probe_accuracy(result) -> float:
+    """Mean 5-fold accuracy over all 600 rows: one few-hundred-image split moves by ±2 points between runtimes
+    either way (bf16 rows differ from f32 by ~5% relative), five folds measure the systematic cost."""
+    _, features, labels, _ = rows(result)
+    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
+    return cross_val_score(head, features, labels, cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean()
+
+
+def test_openvino_float32_gives_tensorflows_rows(stores):
+    tf_hashes, tf_rows, _, _ = rows(stores["tensorflow/float32"])
+    ov_hashes, ov_rows, _, _ = rows(stores["openvino/float32"])
+    assert list(tf_hashes) == list(ov_hashes)
+    np.testing.assert_allclose(ov_rows, tf_rows, rtol=1e-3, atol=1e-4 * np.abs(tf_rows).max())
+    # Recorded with the rows (and so in bundles and reports), and part of the key: the stores differ.
+    assert stores["openvino/float32"].store.attrs["runtime"] == "openvino"
+    assert stores["tensorflow/float32"].store.attrs["runtime"] == "tensorflow"
+    assert stores["openvino/float32"].extraction_key != stores["tensorflow/float32"].extraction_key
+
+
+def test_bfloat16_and_int8_keep_the_probe_accuracy(stores):
+    scores = {name: probe_accuracy(result) for name, result in stores.items()}
+    assert scores["tensorflow/float32"] > 0.8, scores  # chance is 0.1: real features
+    assert abs(scores["openvino/float32"] - scores["tensorflow/float32"]) <= 0.01 + 1e-9, scores
+    if "openvino/bfloat16" in scores:
+        assert abs(scores["openvino/bfloat16"] - scores["openvino/float32"]) <= 0.01 + 1e-9, scores
+    assert scores["openvino/int8"] >= scores["openvino/float32"] - 0.02 - 1e-9, scores
+
+
+def test_int8_calibrates_on_training_images_only_and_keys_them(stores, digits, compiled_models):
+    attrs = stores["openvino/int8"].store.attrs
+    assert attrs["precision"] == "int8" and attrs["calibration"].startswith("calibration-")
+    [entry] = [json.loads((folder / ENTRY_FILE).read_text()) for folder in compiled_models.iterdir()
+               if json.loads((folder / ENTRY_FILE).read_text())["calibration_hashes"]]
+    split_of = {r.content_hash: r.split for r in digits.records}
+    assert 100 <= len(entry["calibration_hashes"]) <= 300
+    assert {split_of[h] for h in entry["calibration_hashes"]} == {"train"}  # never a test image
+
+
+def test_the_next_process_uses_the_cached_model_without_tensorflow(stores, digits, compiled_models):
+    before = {path: path.stat().st_mtime_ns for path in compiled_models.rglob("*") if path.is_file()}
+    expected = rows(stores["openvino/float32"])
+    program = textwrap.dedent(f"""
+        import sys, numpy as np
+        from transfer_flow.storage.manifest import Manifest
+        from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
+        manifest = Manifest.model_validate_json(sys.stdin.read())
+        settings = ExtractionSettings(**{LITE!r}, runtime="openvino", precision="float32")
+        result = extract_features(manifest, sys.argv[1], settings, refresh=True)  # re-extracts every row
+        print(result.images_extracted, "tensorflow" in sys.modules, "keras" in sys.modules)
+    """)
+    store = compiled_models.parent / "again.h5"
+    done = subprocess.run([sys.executable, "-c", program, str(store)], input=digits.model_dump_json(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(len(digits.records)), "False", "False"]
+    assert "converting" not in done.stderr
+    after = {path: path.stat().st_mtime_ns for path in before}
+    assert after == before  # the saved models were only read
+    from transfer_flow.storage.feature_store import open_store
+
+    reread = rows(type(stores["openvino/float32"])(**{**stores["openvino/float32"].model_dump(),
+                                                      "store": open_store(store)}))
+    np.testing.assert_array_equal(reread[1], expected[1])
+
+
+def test_int8_is_refused_on_tensorflow_in_one_line(tmp_path, capsys):
+    with pytest.raises(ValidationError, match="int8 is not available with --runtime tensorflow"):
+        ExtractionSettings(runtime="tensorflow", precision="int8")
+    argv = ["run", str(tmp_path), "--output", str(tmp_path / "out"), "--runtime", "tensorflow", "--precision", "int8"]
+    assert main(argv) == EXIT_USER_ERROR
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "int8" in line and "tensorflow" in line
+
+
+def test_a_damaged_cached_model_is_rebuilt_with_a_warning(stores, compiled_models, digits, tmp_path, caplog,
+                                                          monkeypatch):
+    monkeypatch.setattr(extraction, "_EXTRACTORS", {})  # as in a new process: the model is loaded again
+    [folder] = [f for f in compiled_models.iterdir()
+                if not json.loads((f / ENTRY_FILE).read_text())["calibration_hashes"]]
+    with (folder / "model.bin").open("r+b") as model:  # flip bytes in the weights: same size, other content
+        model.seek(1000)
+        model.write(b"\xff" * 64)
+    settings = ExtractionSettings(**LITE, runtime="openvino", precision="float32")
+    result = extract_features(digits, tmp_path / "rebuilt.h5", settings)
+    assert "cached model unusable" in caplog.text and "SHA-256" in caplog.text
+    np.testing.assert_array_equal(rows(result)[1], rows(stores["openvino/float32"])[1])
