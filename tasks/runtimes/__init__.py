@@ -15,12 +15,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
 from transfer_flow.storage.errors import SettingsError
-from transfer_flow.tasks.backbones import BackboneSpec, Pooling, Precision, ResolvedWeights
+from transfer_flow.tasks.backbones import BackboneSpec, Pooling, Precision, ResolvedWeights, gpu_available
 from transfer_flow.tasks.runtimes.calibration import CalibrationImages
 
 
@@ -63,17 +62,11 @@ def get_runtime(name: str) -> RuntimeSpec:
         raise SettingsError(f"Expected a runtime in {sorted(RUNTIMES)}, got {name!r}") from None
 
 
-def nvidia_gpu_present() -> bool:
-    """An NVIDIA GPU with its driver loaded, asked of the driver (importing TensorFlow to ask costs ~3 s)."""
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return gpus.is_dir() and any(gpus.iterdir())
-
-
 def resolve_runtime(requested: str) -> str:
     """`auto`: OpenVINO on a CPU-only machine where it is installed; TensorFlow on a GPU or without OpenVINO."""
     if requested != "auto":
         return get_runtime(requested).name
-    if RUNTIMES["openvino"].installed() and not nvidia_gpu_present():
+    if RUNTIMES["openvino"].installed() and not gpu_available():
         return "openvino"
     return "tensorflow"
 
