@@ -25,7 +25,7 @@ def fit_sgd(data: HeadInputs, settings) -> tuple[object, dict]:
     for block in blocks:
         scaler.partial_fit(data.read(fit_rows[block]))
     scaler.scale_ = floored_std(np.sqrt(scaler.var_))
-    sgd = SGDClassifier(loss="log_loss", alpha=settings.sgd_alpha, random_state=settings.seed)
+    sgd = SGDClassifier(loss="log_loss", alpha=settings.sgd_alpha, average=True, random_state=settings.seed)
     classes = np.arange(data.n_classes)
     for _ in range(settings.sgd_epochs):
         for b in rng.permutation(len(blocks)):
