@@ -103,7 +103,7 @@ class TrainingResult(BaseModel):
     seconds: float
 
 
-TRAINING_CODE_VERSION = 2  # bump when the same store and settings would give another head
+TRAINING_CODE_VERSION = 3  # bump when the same store and settings would give another head (3: dense refit)
 
 
 def training_key(store: FeatureStore, settings: TrainingSettings) -> str:

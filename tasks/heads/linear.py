@@ -27,13 +27,13 @@ def grid_search(estimator, c_grid: list[float], features: np.ndarray, labels: np
                 cv_folds: int, seed: int, max_iter: int, groups: np.ndarray | None = None) -> tuple[object, dict]:
     """C chosen by cross-validation (or on val/), then refitted on all rows."""
     # n_jobs=-1: one single-threaded fit per core ran 6x faster here than sequential fits on threaded BLAS.
-    search = GridSearchCV(estimator, {"C": c_grid}, cv=search_folds(labels, is_val, cv_folds, seed, groups),
-                          n_jobs=-1)
+    folds = search_folds(labels, is_val, cv_folds, seed, groups)
+    search = GridSearchCV(estimator, {"C": c_grid}, cv=folds, n_jobs=-1)
     with warnings.catch_warnings():
         # scikit-learn hands these filters to its worker processes: without them each candidate C that stops at
         # max_iter prints a ConvergenceWarning of its own (15 in a compare); what matters is the model kept.
         warnings.simplefilter("ignore", ConvergenceWarning)
-        search.fit(features, labels, groups=groups)
+        search.fit(features, labels, groups=groups if isinstance(folds, StratifiedGroupKFold) else None)
     if np.max(search.best_estimator_.n_iter_) >= max_iter:
         stage_logger().warning("train: the final fit (C=%g) stopped at max_iter=%d before converging: its scores "
                                "stand, but its weights are not the optimum", search.best_params_["C"], max_iter)
