@@ -187,8 +187,7 @@ def split_description(folder_splits: bool, test_size: float) -> str:
     """How train and test were chosen, in words, for the report."""
     if folder_splits:
         return "train/ and test/ folders, as laid out"
-    return (f"random by a seeded hash of each image's content: about {test_size:.0%} of each class held out "
-            "for testing")
+    return f"random by seeded content hash: about {test_size:.0%} of each class held out for testing"
 
 
 def run_context(result: Evaluation, extraction: ExtractionResult, training: TrainingResult, split: str) -> RunContext:
