@@ -33,13 +33,14 @@ def compare_heads(settings: CompareSettings) -> ComparisonSummary:
         features = extracted_features(settings)
         layout, extraction = features.layout, features.extraction
         scores, runs = [], []
+        split = stages.split_description(features.manifest.folder_splits, settings.test_size)
         for head in settings.heads:
             head_layout = layout.model_copy(update={"root": str(stages.head_folder(layout, head))})
             training = stages.trained_bundle(extraction, head_layout, settings.training(head),
                                              settings.refreshes("train"))
             result = stages.evaluation(training, extraction, head_layout, settings.refreshes("report"))
             metrics, report_cached = stages.report(result, extraction, training, head_layout,
-                                                   settings.refreshes("report"))
+                                                   settings.refreshes("report"), split)
             scores.append(stages.head_score(result, training, head_layout))
             runs.append((result, training, metrics, report_cached, head_layout))
         csv_path, markdown_path = stages.comparison_table(scores, layout, features.manifest.root)

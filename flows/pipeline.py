@@ -107,8 +107,9 @@ def transfer_learning(settings: PipelineSettings) -> RunSummary:
                                          settings.refreshes("train"))
         trained = time.perf_counter()
         result = stages.evaluation(training, features.extraction, features.layout, settings.refreshes("report"))
-        metrics, report_cached = stages.report(result, features.extraction, training, features.layout,
-                                               settings.refreshes("report"))
+        metrics, report_cached = stages.report(
+            result, features.extraction, training, features.layout, settings.refreshes("report"),
+            stages.split_description(features.manifest.folder_splits, settings.test_size))
         summary = run_summary_of(features, training, result, metrics, report_cached, features.layout,
                                  train_seconds=trained - extracted, evaluate_seconds=time.perf_counter() - trained,
                                  total_seconds=time.perf_counter() - started)

@@ -82,6 +82,24 @@ def summary_markdown(metrics: ReportMetrics) -> str:
     ])
 
 
+def context_markdown(metrics: ReportMetrics) -> list[str]:
+    """The run's context for report.md: where the data came from, how it was split, what was skipped."""
+    context = metrics.context
+    if context is None:
+        return []
+    run = f"[{context.flow_run_id}]({context.flow_run_url})" if context.flow_run_url else context.flow_run_id
+    return [
+        "## Run context", "",
+        f"- dataset: `{context.dataset}`; written {context.created} by transfer-flow {context.version}, "
+        f"seed {context.seed}",
+        f"- split: {context.split}", *([f"- Prefect flow run: {run}"] if run else []), "",
+        "| class | train | test |", "|---|---:|---:|",
+        *[f"| {name} | {counts.train} | {counts.test} |" for name, counts in context.class_counts.items()], "",
+        f"Skipped images: {len(context.skipped)}", "",
+        *[f"- `{skipped.path}`: {skipped.reason}" for skipped in context.skipped], "",
+    ]
+
+
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
@@ -90,11 +108,38 @@ def _png(figure) -> bytes:
 
 
 def confusion_png(class_names: list[str], confusion: list[list[int]]) -> bytes:
+    """Counts, and beside them each true class's row as shares (recall on the diagonal): a small class's
+    mistakes are visible even when its counts are."""
+    counts = np.asarray(confusion)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     side = max(4.0, 0.6 * len(class_names) + 2)
-    figure, axes = plt.subplots(figsize=(side, side))
-    ConfusionMatrixDisplay(np.asarray(confusion), display_labels=class_names).plot(
-        ax=axes, cmap="Blues", colorbar=False, xticks_rotation=45 if len(class_names) > 6 else "horizontal")
-    axes.set_title("Confusion matrix (test split)")
+    figure, axes = plt.subplots(1, 2, figsize=(2 * side, side))
+    rotation = 45 if len(class_names) > 6 else "horizontal"
+    ConfusionMatrixDisplay(counts, display_labels=class_names).plot(
+        ax=axes[0], cmap="Blues", colorbar=False, xticks_rotation=rotation)
+    ConfusionMatrixDisplay(shares, display_labels=class_names).plot(
+        ax=axes[1], cmap="Blues", colorbar=False, xticks_rotation=rotation, values_format=".2f")
+    axes[0].set_title("Confusion matrix (test split): counts")
+    axes[1].set_title("normalised by true class")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def precision_recall_png(curves: dict[str, tuple[list[float], list[float], float]]) -> bytes | None:
+    """One precision-recall curve per class (one against the rest, test scores); None without curves."""
+    if not curves:
+        return None
+    figure, axes = plt.subplots(figsize=(6.5, 5))
+    colours = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
+    for k, (name, (recall, precision, average)) in enumerate(curves.items()):
+        axes.step(recall, precision, where="post", color=colours(k % colours.N), label=f"{name} (AP {average:.3f})")
+    axes.set_xlabel("recall")
+    axes.set_ylabel("precision")
+    axes.set_xlim(0, 1.01)
+    axes.set_ylim(0, 1.02)
+    axes.set_title("Precision-recall per class (test split)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="lower left", ncol=2 if len(curves) > 8 else 1)
     figure.tight_layout()
     return _png(figure)
 
@@ -269,17 +314,22 @@ def write_report(report_dir: Path, metrics: ReportMetrics, classification_text: 
                  history: dict[str, list[float]] | None = None,
                  gallery: list[tuple[np.ndarray | None, Misclassified]] | None = None,
                  heatmaps: dict[str, np.ndarray] | None = None,
-                 checks: DataCheckPictures | None = None) -> Path:
+                 checks: DataCheckPictures | None = None,
+                 precision_recall: dict[str, tuple[list[float], list[float], float]] | None = None) -> Path:
     """Write the report directory atomically.
 
     `history`: per-epoch curves (drawn when present); `gallery`: (thumbnail pixels or None, item with
     path, true, predicted, confidence) of misclassified test images, embedded in report.html; `heatmaps`:
     overlay pixels by the file name the metrics' gallery items give (heatmap_file), written there and embedded;
-    `checks`: the feature map and the suspect-label and near-duplicate thumbnails."""
+    `checks`: the feature map and the suspect-label and near-duplicate thumbnails; `precision_recall`: per class,
+    (recall, precision, average precision) of its test curve."""
     report_dir = Path(report_dir)
     pictures = {"confusion_matrix": confusion_png(metrics.class_names, metrics.confusion)}
     if checks is not None and checks.feature_map is not None:
         pictures["feature_map"] = feature_map_png(checks.feature_map)
+    curves_by_class = precision_recall_png(precision_recall or {})
+    if curves_by_class is not None:
+        pictures["precision_recall"] = curves_by_class
     curves = curves_png(history or {})
     if curves is not None:
         pictures["training_curves"] = curves
@@ -290,6 +340,9 @@ def write_report(report_dir: Path, metrics: ReportMetrics, classification_text: 
         "## Per-class metrics", "", "```", classification_text.rstrip(), "```", "",
         "## Confusion matrix", "", confusion_table_markdown(metrics.class_names, metrics.confusion), "",
         "![confusion matrix](confusion_matrix.png)", "",
+        *(["## Precision-recall per class", "", "![precision-recall](precision_recall.png)", ""]
+          if curves_by_class else []),
+        *context_markdown(metrics),
         *(["## Training curves", "", "![training curves](training_curves.png)", ""] if curves else []),
         f"The misclassified test images are shown in [{HTML_FILE}]({HTML_FILE}).", "",
         *([f"Heatmaps ({metrics.heatmap_method}) of the predicted class over each gallery image: "

@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from transfer_flow.storage.run_summary import SkippedImageRecord
+
 METRICS_FILE = "metrics.json"
 
 
@@ -70,6 +72,32 @@ class FeatureMapSummary(BaseModel):
     rows: int = Field(description="Images in the store (view 0).")
 
 
+# --- run context (dataset, split, counts, skipped images, Prefect run) ---------------------------------------
+
+
+class ClassCounts(BaseModel):
+    train: int = Field(description="Training images of the class (val/ included; augmented views not counted).")
+    test: int
+
+
+class RunContext(BaseModel):
+    """Where the numbers come from: what a reader of the report needs to trust or reproduce them."""
+
+    dataset: str = Field(description="The dataset folder, as given.")
+    created: str = Field(description="When the report was written, ISO 8601 UTC.")
+    version: str = Field(description="transfer-flow version.")
+    seed: int
+    split: str = Field(description="How train and test were chosen: train/ and test/ folders, or a random "
+                       "stratified split with its test fraction.")
+    class_counts: dict[str, ClassCounts]
+    skipped: list[SkippedImageRecord] = Field(default_factory=list, description="Images that gave no row, why.")
+    flow_run_id: str | None = Field(default=None, description="The Prefect flow run that wrote the report.")
+    flow_run_url: str | None = Field(default=None, description="Its page in the Prefect UI, when a server is known.")
+
+
+# --- end of run context ---------------------------------------------------------------------------------------
+
+
 class ReportMetrics(BaseModel):
     accuracy: float
     macro_f1: float
@@ -118,6 +146,9 @@ class ReportMetrics(BaseModel):
         default=None, description="Near-duplicates' features have at least this cosine similarity."
     )
     feature_map: FeatureMapSummary | None = None
+    context: RunContext | None = None
+    average_precision: dict[str, float] = Field(
+        default_factory=dict, description="Per class: area under its precision-recall curve on the test images.")
     stage_key: str = Field(default="", description="Cache key of the evaluation that wrote the report.")
 
 

@@ -9,14 +9,21 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    precision_recall_curve,
+)
 
 from transfer_flow.storage.content_keys import content_key, package_version
 from transfer_flow.storage.errors import BundleError, DatasetError, UnreadableImageError
 from transfer_flow.storage.feature_store import FeatureStore, read_contents, read_features
 from transfer_flow.storage.model_bundle import ModelBundle, load_head
 from transfer_flow.storage.report import DataCheckPictures
-from transfer_flow.storage.report_metrics import Baselines, GalleryImage, Misclassified
+from transfer_flow.storage.report_metrics import Baselines, ClassCounts, GalleryImage, Misclassified
 from transfer_flow.tasks.baselines import accuracy_interval, baselines
 from transfer_flow.tasks.data_checks import SUSPECTS_SHOWN, DataChecks, check_data
 from transfer_flow.tasks.heads import class_probabilities
@@ -28,6 +35,15 @@ GALLERY_IMAGES = 48  # misclassified images kept for the report, most confident 
 CORRECT_PER_CLASS = 2  # correctly labelled images per class shown with heatmaps beside the mistakes
 CORRECT_IMAGES = 40  # at most, whatever the number of classes: each costs a forward pass in the report stage
 THUMBNAIL_SIDE = 96
+CURVE_POINTS = 200  # points kept per precision-recall curve: enough to draw, small enough to pass between tasks
+
+
+class PrecisionRecall(BaseModel):
+    """One class against the rest, from the head's test scores."""
+
+    precision: list[float]
+    recall: list[float]
+    average_precision: float
 
 
 class Evaluation(BaseModel):
@@ -51,11 +67,15 @@ class Evaluation(BaseModel):
         description=f"{CORRECT_PER_CLASS} per class (at most {CORRECT_IMAGES}), most confident first.",
     )
     checks: DataChecks = Field(default_factory=DataChecks, description="Feature map, suspect labels, near-duplicates.")
+    class_counts: dict[str, ClassCounts] = Field(default_factory=dict, description="Train and test images per class.")
+    precision_recall: dict[str, PrecisionRecall] = Field(
+        default_factory=dict, description="Per class with test images: its precision-recall curve.")
     seconds: float
 
 
-# Bump when the same evaluation would give another report (2: report.html, 3: baselines, 4: heatmaps, 5: data checks).
-REPORT_CODE_VERSION = 5
+# Bump when the same evaluation would give another report (2: report.html, 3: baselines, 4: heatmaps, 5: data checks,
+# 6: run context and precision-recall curves).
+REPORT_CODE_VERSION = 6
 
 
 def report_key(bundle: ModelBundle, store: FeatureStore) -> str:
@@ -77,6 +97,21 @@ def check_bundle_fits_store(bundle: ModelBundle, store: FeatureStore) -> None:
         if given != recorded:
             raise BundleError(f"Bundle {bundle.path} was trained on features with {field} {recorded}, the store "
                               f"{store.path} has {field} {given}: retrain, or evaluate on a matching store")
+
+
+def precision_recall_curves(truth: np.ndarray, probabilities: np.ndarray, names: list[str]
+                            ) -> dict[str, PrecisionRecall]:
+    """Each class with test images against the rest; a curve thinned to CURVE_POINTS points."""
+    curves = {}
+    for k, name in enumerate(names):
+        positive = truth == k
+        if not positive.any():
+            continue  # no test image of this class: no recall to speak of
+        precision, recall, _ = precision_recall_curve(positive, probabilities[:, k])
+        keep = np.unique(np.linspace(0, len(recall) - 1, min(len(recall), CURVE_POINTS)).round().astype(int))
+        curves[name] = PrecisionRecall(precision=precision[keep].tolist(), recall=recall[keep].tolist(),
+                                       average_precision=float(average_precision_score(positive, probabilities[:, k])))
+    return curves
 
 
 def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -> Evaluation:
@@ -128,6 +163,10 @@ def evaluate_bundle(bundle: ModelBundle, store: FeatureStore, *, n_train: int) -
         best_params=bundle.metadata.training_summary.get("best_params", bundle.metadata.head_params),
         misclassified=misclassified, n_misclassified=len(wrong), correct_examples=correct_examples,
         checks=checks,
+        class_counts={name: ClassCounts(train=int(n_train_images), test=int(n_test_images)) for name, n_train_images,
+                      n_test_images in zip(names, np.bincount(contents.labels[train_rows], minlength=len(names)),
+                                           np.bincount(truth, minlength=len(names)))},
+        precision_recall=precision_recall_curves(truth, probabilities, names),
         seconds=time.perf_counter() - started,
     )
 

@@ -35,8 +35,8 @@ from transfer_flow.storage.report import (
     summary_markdown,
     write_report,
 )
-from transfer_flow.storage.report_metrics import ReportMetrics, TrainingScore
-from transfer_flow.storage.run_summary import RunSummary
+from transfer_flow.storage.report_metrics import ReportMetrics, RunContext, TrainingScore
+from transfer_flow.storage.run_summary import RunSummary, SkippedImageRecord
 from transfer_flow.tasks.evaluation import (
     Evaluation,
     data_check_pictures,
@@ -195,10 +195,39 @@ def evaluation(training: TrainingResult, extraction: ExtractionResult, layout: O
     return evaluate_bundle(training.bundle, extraction.store, n_train=training.n_train)
 
 
+def split_description(folder_splits: bool, test_size: float) -> str:
+    """How train and test were chosen, in words, for the report."""
+    if folder_splits:
+        return "train/ and test/ folders, as laid out"
+    return f"random by seeded content hash: about {test_size:.0%} of each class held out for testing"
+
+
+def run_context(result: Evaluation, extraction: ExtractionResult, training: TrainingResult, split: str) -> RunContext:
+    """The report's context: dataset, date, version, seed, split, counts, skipped images, this flow run."""
+    from datetime import datetime, timezone
+
+    from prefect.context import FlowRunContext
+    from prefect.utilities.urls import url_for
+
+    from transfer_flow.storage.content_keys import package_version
+
+    flow_run = getattr(FlowRunContext.get(), "flow_run", None)
+    return RunContext(
+        dataset=str(extraction.store.attrs.get("dataset_root", "")),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), version=package_version(),
+        seed=int(training.bundle.metadata.head_params.get("seed", 0)), split=split,
+        class_counts=result.class_counts,
+        skipped=[SkippedImageRecord(path=s.path, reason=s.reason) for s in extraction.images_skipped],
+        flow_run_id=str(flow_run.id) if flow_run else None,
+        flow_run_url=url_for(flow_run) if flow_run else None,  # None without a UI (a temporary server)
+    )
+
+
 @task(name="write report", cache_policy=NONE)
 def report(result: Evaluation, extraction: ExtractionResult, training: TrainingResult, layout: OutputLayout,
-           refresh: bool) -> tuple[ReportMetrics, bool]:
+           refresh: bool, split: str) -> tuple[ReportMetrics, bool]:
     """Write the report (unless the same head on the same rows already has one) and publish artifacts.
+    `split`: how train and test were chosen (split_description).
 
     Returns the metrics and whether the existing report was kept."""
     spec = training.bundle.metadata
@@ -213,9 +242,12 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
         feature_dtype=record.feature_dtype,
         store=str(extraction.store.path), class_names=result.class_names, per_class=result.per_class,
         confusion=result.confusion, training_score=TrainingScore(name=training.score_name, value=training.cv_score),
-        n_misclassified=result.n_misclassified, misclassified=result.misclassified, stage_key=key,
+        n_misclassified=result.n_misclassified, misclassified=result.misclassified,
         correct_examples=result.correct_examples,
         **result.checks.model_dump(exclude={"feature_map_points"}),
+        context=run_context(result, extraction, training, split),
+        average_precision={name: curve.average_precision for name, curve in result.precision_recall.items()},
+        stage_key=key,
     )
     kept = not refresh and read_report_key(layout.report) == key  # same head on the same rows: the report stands
     if not kept:
@@ -224,7 +256,9 @@ def report(result: Evaluation, extraction: ExtractionResult, training: TrainingR
         metrics, heatmaps = gallery_heatmaps(training.bundle, root, metrics)
         write_report(layout.report, metrics, result.classification_report, overwrite=True, history=training.history,
                      gallery=list(zip(thumbnails, metrics.misclassified)), heatmaps=heatmaps,
-                     checks=data_check_pictures(root, result.checks))
+                     checks=data_check_pictures(root, result.checks),
+                     precision_recall={name: (curve.recall, curve.precision, curve.average_precision)
+                                       for name, curve in result.precision_recall.items()})
     prefix = artifact_key(Path(extraction.store.attrs.get("dataset_root", "")).name, spec.head)
     page = (layout.report / HTML_FILE).resolve()
     create_markdown_artifact(key=f"{prefix}-report", markdown=report_artifact_markdown(metrics, layout.report, page),

@@ -42,8 +42,8 @@ class TrainingSettings(BaseModel):
     )
     max_iter: int = Field(default=1000, ge=1)
     seed: int = 42
-    sgd_alpha: float = Field(default=1e-4, gt=0, description="sgd: regularisation strength.")
-    sgd_epochs: int = Field(default=10, ge=1, description="sgd: passes over the store.")
+    sgd_alpha: float = Field(default=3e-4, gt=0, description="sgd: regularisation strength.")
+    sgd_epochs: int = Field(default=20, ge=1, description="sgd: passes over the store.")
     sgd_block_rows: int | None = Field(
         default=None, ge=1, description="sgd: rows read at a time; empty: 8 of the store's row chunks (~8 MiB)."
     )
@@ -106,7 +106,7 @@ class TrainingResult(BaseModel):
     seconds: float
 
 
-TRAINING_CODE_VERSION = 3  # bump when the same store and settings would give another head (3: sgd blocks)
+TRAINING_CODE_VERSION = 4  # bump when the same store and settings give another head (3: sgd blocks; 4: dense refit)
 
 
 def training_key(store: FeatureStore, settings: TrainingSettings) -> str:
@@ -168,7 +168,9 @@ def train_head(
                            + ", ".join(thin))
     is_val = split[rows] == "val"
     spec = HEADS[settings.head]
-    inputs = HeadInputs(rows=rows, labels=labels, is_val=is_val, n_classes=len(contents.label_names),
+    # An image's views share its content hash (a store without hashes: its path, which views share too).
+    groups = np.array([contents.hashes[i] or contents.paths[i] for i in rows])
+    inputs = HeadInputs(rows=rows, labels=labels, is_val=is_val, n_classes=len(contents.label_names), groups=groups,
                         read=lambda some: read_features(store, some),
                         block_rows=settings.sgd_block_rows or SGD_BLOCK_CHUNKS * rows_per_chunk(store.feature_dim),
                         map_shape=feature_map_shape(store, spec.name) if spec.needs_pooling == "flatten" else None,

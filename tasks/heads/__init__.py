@@ -91,12 +91,16 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def class_probabilities(head, features: np.ndarray) -> np.ndarray:
-    """(n, n_classes) scores summing to 1 per row, columns in the head's class order (0..n_classes-1).
+    """(n, n_classes) scores summing to 1 per row, columns in the head's class order (0..n_classes-1), whose
+    argmax is the head's prediction.
 
-    predict_proba where the head has it (logreg, sgd with log loss, dense); otherwise (LinearSVC) a
-    softmax over decision_function: a ranking-faithful confidence, not a calibrated probability.
+    A softmax over decision_function for the scikit-learn heads: for logreg that is its predict_proba
+    (multinomial); for linear-svm a ranking-faithful confidence, not a calibrated probability; for sgd
+    (one-vs-rest) it replaces predict_proba's normalised sigmoids, which saturate at 1.0 for several classes
+    once margins reach ~20 (float32) and then tie, so their argmax was not the prediction (0.808 instead of
+    0.896 on the digits demo). The Keras heads (no decision_function) give their softmax output.
     """
-    if hasattr(head, "predict_proba"):
+    if not hasattr(head, "decision_function"):
         return np.asarray(head.predict_proba(features), dtype=np.float64)
     scores = np.asarray(head.decision_function(features), dtype=np.float64)
     if scores.ndim == 1:  # two classes: one margin for the positive class

@@ -28,7 +28,9 @@ class HeadInputs:
     """The rows a head trains on. `read(rows)` returns the features of those store rows; `rows`, `labels`
     and `is_val` are aligned (val rows come from a val/ folder). `map_shape` is the (height, width,
     channels) of an unpooled feature map, for heads that pool it themselves (None otherwise); `images`
-    the rows' images, for heads that read them (HeadSpec.reads_images; None otherwise)."""
+    the rows' images, for heads that read them (HeadSpec.reads_images; None otherwise). `groups`, aligned
+    with `rows`, names the image each row shows (its content hash): an image's augmented views share it, and
+    cross-validation keeps a group in one fold (None: every row its own image)."""
 
     rows: np.ndarray
     labels: np.ndarray
@@ -38,6 +40,7 @@ class HeadInputs:
     block_rows: int
     map_shape: tuple[int, int, int] | None = None
     images: TrainingImages | None = None
+    groups: np.ndarray | None = None
 
     def features(self) -> np.ndarray:
         """All the rows at once (the in-memory heads)."""

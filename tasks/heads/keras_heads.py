@@ -7,14 +7,17 @@ from transfer_flow.tasks.heads.inputs import HeadInputs
 from transfer_flow.tasks.heads.standardise import floored_std
 
 
-def carve_validation(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A stratified validation mask of about `fraction` of the rows, at least one row per class."""
+def carve_validation(labels: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """A stratified validation mask of about `fraction` of the images, at least one per class. Rows sharing a
+    group (an image's augmented views) land on the same side: a view's siblings in training would flatter it."""
+    groups = np.arange(len(labels)) if groups is None else groups
+    images, first = np.unique(groups, return_index=True)
     rng = np.random.default_rng(seed)
-    mask = np.zeros(len(labels), bool)
+    chosen = []
     for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        mask[members[:max(1, min(len(members) - 1, round(fraction * len(members))))]] = True
-    return mask
+        members = rng.permutation(images[labels[first] == c])
+        chosen.extend(members[:max(1, min(len(members) - 1, round(fraction * len(members))))])
+    return np.isin(groups, chosen)
 
 
 def standardise(columns: np.ndarray, name: str):
@@ -26,22 +29,32 @@ def standardise(columns: np.ndarray, name: str):
                                       name=name)
 
 
-def _fit_keras(build, features, labels, is_val, settings) -> tuple[object, dict]:
-    """Adam; early stopping on val/ or a stratified validation split carved from train; the best
-    epoch's weights kept. `build(train_features)` returns the uncompiled model."""
+def _fit_keras(build, features, labels, is_val, settings, groups=None) -> tuple[object, dict]:
+    """Adam; early stopping on val/ or a stratified validation split carved from train, which picks the
+    number of epochs. With a carved split the head is then refitted from scratch on every train row for that
+    many epochs: the carved rows are a fifth of a small training set, and leaving them out cost dense 3
+    points on 600 digits (BENCHMARKS.md). `build(train_features)` returns the uncompiled model."""
     import keras
 
-    keras.utils.set_random_seed(settings.seed)
-    val = is_val if is_val.any() else carve_validation(labels, settings.validation_fraction, settings.seed)
-    model = build(features[~val])
-    model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    def compiled(train: np.ndarray):
+        keras.utils.set_random_seed(settings.seed)
+        model = build(train)
+        model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    carved = not is_val.any()
+    val = carve_validation(labels, settings.validation_fraction, settings.seed, groups) if carved else is_val
+    model = compiled(features[~val])
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience, restore_best_weights=True)
     fitted = model.fit(features[~val], labels[~val], validation_data=(features[val], labels[val]),
                        epochs=settings.epochs, batch_size=settings.dense_batch_size, callbacks=[stop], verbose=0,
                        shuffle=True)
     history = {name: [float(v) for v in values] for name, values in fitted.history.items()}
     best = int(np.argmin(history["val_loss"]))
+    if carved:
+        model = compiled(features)
+        model.fit(features, labels, epochs=best + 1, batch_size=settings.dense_batch_size, verbose=0, shuffle=True)
     return model, {"best_params": {"epochs": best + 1}, "cv_score": history["val_accuracy"][best],
                    "score_name": "val accuracy", "history": history}
 
@@ -59,7 +72,7 @@ def fit_dense(data: HeadInputs, settings) -> tuple[object, dict]:
         outputs = keras.layers.Dense(data.n_classes, activation="softmax", name="classes")(hidden)
         return keras.Model(inputs, outputs, name="dense_head")
 
-    return _fit_keras(build, features, data.labels, data.is_val, settings)
+    return _fit_keras(build, features, data.labels, data.is_val, settings, data.groups)
 
 
 def fit_gap(data: HeadInputs, settings) -> tuple[object, dict]:
@@ -78,4 +91,4 @@ def fit_gap(data: HeadInputs, settings) -> tuple[object, dict]:
         outputs = keras.layers.Dense(data.n_classes, activation="softmax", name="classes")(hidden)
         return keras.Model(inputs, outputs, name="gap_head")
 
-    return _fit_keras(build, features, data.labels, data.is_val, settings)
+    return _fit_keras(build, features, data.labels, data.is_val, settings, data.groups)

@@ -5,29 +5,35 @@ import warnings
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedGroupKFold, StratifiedKFold
 
 from transfer_flow.tasks.heads.inputs import HeadInputs
 from transfer_flow.tasks.logs import stage_logger
 
 
-def search_folds(labels: np.ndarray, is_val: np.ndarray, cv_folds: int, seed: int):
+def search_folds(labels: np.ndarray, is_val: np.ndarray, cv_folds: int, seed: int, groups: np.ndarray | None = None):
+    """The folds C is chosen on. With augmented views (rows sharing a group), every view of an image stays in
+    the fold of the image: a view scored while its siblings trained the model would inflate the score."""
     if is_val.any():  # a val/ folder: choose C on it, as the user laid out
         return PredefinedSplit(np.where(is_val, 0, -1))
+    if groups is not None and len(np.unique(groups)) < len(groups):
+        images_per_class = min(len(np.unique(groups[labels == c])) for c in np.unique(labels))
+        return StratifiedGroupKFold(n_splits=min(cv_folds, images_per_class), shuffle=True, random_state=seed)
     smallest = int(np.bincount(labels).min())
     return StratifiedKFold(n_splits=min(cv_folds, smallest), shuffle=True, random_state=seed)
 
 
 def grid_search(estimator, c_grid: list[float], features: np.ndarray, labels: np.ndarray, is_val: np.ndarray,
-                cv_folds: int, seed: int, max_iter: int) -> tuple[object, dict]:
+                cv_folds: int, seed: int, max_iter: int, groups: np.ndarray | None = None) -> tuple[object, dict]:
     """C chosen by cross-validation (or on val/), then refitted on all rows."""
     # n_jobs=-1: one single-threaded fit per core ran 6x faster here than sequential fits on threaded BLAS.
-    search = GridSearchCV(estimator, {"C": c_grid}, cv=search_folds(labels, is_val, cv_folds, seed), n_jobs=-1)
+    folds = search_folds(labels, is_val, cv_folds, seed, groups)
+    search = GridSearchCV(estimator, {"C": c_grid}, cv=folds, n_jobs=-1)
     with warnings.catch_warnings():
         # scikit-learn hands these filters to its worker processes: without them each candidate C that stops at
         # max_iter prints a ConvergenceWarning of its own (15 in a compare); what matters is the model kept.
         warnings.simplefilter("ignore", ConvergenceWarning)
-        search.fit(features, labels)
+        search.fit(features, labels, groups=groups if isinstance(folds, StratifiedGroupKFold) else None)
     if np.max(search.best_estimator_.n_iter_) >= max_iter:
         stage_logger().warning("train: the final fit (C=%g) stopped at max_iter=%d before converging: its scores "
                                "stand, but its weights are not the optimum", search.best_params_["C"], max_iter)
@@ -40,7 +46,7 @@ def fit_logreg(data: HeadInputs, settings) -> tuple[object, dict]:
 
     # The classic recipe, unscaled: standardising CNN activations cost 3 points on the digits demo.
     return grid_search(LogisticRegression(max_iter=settings.max_iter), settings.c_grid, data.features(), data.labels,
-                       data.is_val, settings.cv_folds, settings.seed, settings.max_iter)
+                       data.is_val, settings.cv_folds, settings.seed, settings.max_iter, data.groups)
 
 
 def fit_linear_svm(data: HeadInputs, settings) -> tuple[object, dict]:
@@ -48,4 +54,5 @@ def fit_linear_svm(data: HeadInputs, settings) -> tuple[object, dict]:
 
     # Confidence at prediction time: a softmax over decision_function (see class_probabilities).
     return grid_search(LinearSVC(max_iter=settings.max_iter, random_state=settings.seed), settings.c_grid,
-                       data.features(), data.labels, data.is_val, settings.cv_folds, settings.seed, settings.max_iter)
+                       data.features(), data.labels, data.is_val, settings.cv_folds, settings.seed, settings.max_iter,
+                       data.groups)

@@ -31,11 +31,11 @@ def test_dense_report_is_self_contained_html_with_curves_and_gallery(dense_run):
     heatmaps = [item["heatmap"] for item in metrics["misclassified"] + metrics["correct_examples"] if item["heatmap"]]
     assert metrics["heatmap_method"] == "grad-cam" and len(heatmaps) == len(metrics["misclassified"]) + len(
         metrics["correct_examples"])
-    # Curves, confusion matrix, feature map; thumbnails of the test images it got wrong, the gallery's heatmaps,
-    # thumbnails of the suspect labels and of both images of each near-duplicate pair.
+    # Curves, confusion matrix, feature map, precision-recall; thumbnails of the test images it got wrong, the
+    # gallery's heatmaps, thumbnails of the suspect labels and of both images of each near-duplicate pair.
     wrong, suspects, pairs = (min(metrics[f"n_{name}"], 48) for name in ("misclassified", "suspect_labels",
                                                                          "near_duplicates"))
-    assert len(sources) == 3 + wrong + len(heatmaps) + suspects + 2 * pairs
+    assert len(sources) == 4 + wrong + len(heatmaps) + suspects + 2 * pairs
     assert (report / "feature_map.png").is_file()
     assert metrics["feature_map"]["rows"] == summary.images_listed - len(summary.images_skipped)
     for item in metrics["misclassified"]:
@@ -55,6 +55,41 @@ def test_metrics_carry_an_interval_and_baselines_on_the_same_split(dense_run):
     assert metrics["baselines"]["raw_pixels"] >= 0.9
     page = (output / "report" / "report.html").read_text()
     assert "baseline: raw 16x16 pixels" in page and f"{metrics['baselines']['raw_pixels']:.4f}" in page
+
+
+def test_report_gives_the_run_context_counts_skipped_images_and_precision_recall(dense_run):
+    import html
+
+    settings, _, output = dense_run
+    report = output / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    context = metrics["context"]
+    assert Path(context["dataset"]).resolve() == Path(settings.dataset).resolve()
+    assert context["seed"] == settings.seed and context["version"] and context["created"].endswith("+00:00")
+    assert context["split"].startswith("random") and f"{settings.test_size:.0%}" in context["split"]
+    counts = context["class_counts"]
+    assert list(counts) == metrics["class_names"]
+    assert sum(c["test"] for c in counts.values()) == metrics["n_test"]
+    assert [c["test"] for c in counts.values()] == [int(metrics["per_class"][n]["support"]) for n in counts]
+    assert sum(c["train"] for c in counts.values()) == metrics["n_train"]
+    # The messy dataset's broken files: each named with its reason.
+    skipped = {Path(item["path"]).name: item["reason"] for item in context["skipped"]}
+    assert {"empty.jpg", "truncated.jpg", "not_really.png"} <= set(skipped) and all(skipped.values())
+    assert context["flow_run_id"]
+
+    page = (report / "report.html").read_text()
+    for name, c in counts.items():
+        assert f"<tr><td>{html.escape(name)}</td><td>{c['train']}</td><td>{c['test']}</td></tr>" in page
+    for item in context["skipped"]:
+        assert f"<tr><td>{html.escape(item['path'])}</td><td>{html.escape(item['reason'])}</td></tr>" in page
+    assert context["flow_run_id"] in page and html.escape(context["split"]) in page
+    if context["flow_run_url"]:
+        assert f'href="{html.escape(context["flow_run_url"])}"' in page
+
+    assert (report / "precision_recall.png").is_file() and "Precision-recall per class" in page
+    assert set(metrics["average_precision"]) == set(metrics["class_names"])
+    assert all(0 <= v <= 1 for v in metrics["average_precision"].values())
+    assert "Run context" in (report / "report.md").read_text()
 
 
 def test_report_link_artifact_points_at_the_html(dense_run):

@@ -152,3 +152,19 @@ def test_a_search_that_stops_at_max_iter_says_so_once_not_once_per_candidate(tmp
     assert "ConvergenceWarning" not in capfd.readouterr().err  # printed by each search worker, before
     [line] = [r.getMessage() for r in caplog.records if "max_iter" in r.getMessage()]
     assert "stopped at max_iter=1 before converging" in line
+
+
+def test_scores_of_a_one_vs_rest_head_with_large_margins_rank_like_its_predictions():
+    # sgd's predict_proba normalises one-vs-rest sigmoids: past a margin of ~20 (float32) several classes
+    # saturate at 1.0, tie, and argmax took the first of them: 0.808 instead of 0.896 on the digits demo.
+    from sklearn.linear_model import SGDClassifier
+
+    features = np.array([[1, 0], [0, 1], [-1, -1]], dtype=np.float32)
+    head = SGDClassifier(loss="log_loss", random_state=0).fit(features, [0, 1, 2])
+    # Margins like those of the digits demo's test rows: class 1 wins, but classes 0 and 1 both saturate.
+    head.coef_ = np.array([[40.0, 0], [50.0, 0], [-5.0, 0]])
+    head.intercept_ = np.zeros(3)
+    assert head.predict(features[:1]) == [1] and head.predict_proba(features[:1]).argmax() == 0  # the trap
+    scores = class_probabilities(head, features)
+    np.testing.assert_allclose(scores.sum(axis=1), 1)
+    assert (scores.argmax(axis=1) == head.predict(features)).all()

@@ -50,7 +50,8 @@ def test_dense_and_sgd_come_close_to_logreg_on_real_features(lite0_digits_store,
     sgd = accuracy_of("sgd", lite0_digits_store, tmp_path)
 
     assert logreg > 0.8  # the features are worth something: the comparison means something
-    # Measured: logreg 0.867; before the fix dense 0.504 (early stopping kept epoch 2) and sgd 0.733;
-    # after it 0.807 each. 135 test images: one image is 0.7 points.
-    assert dense >= logreg - 0.07, (logreg, dense)
-    assert sgd >= logreg - 0.07, (logreg, sgd)
+    # 135 test images: one image is 0.7 points. Measured: logreg 0.867; dense 0.504 with plain standardisation,
+    # 0.807 with floored deviations, 0.837 once refitted on the rows early stopping held out; sgd 0.807 with
+    # predict_proba's saturated argmax, 0.867 with averaged SGD and softmax scores (BENCHMARKS.md).
+    assert dense >= logreg - 0.03, (logreg, dense)
+    assert sgd >= logreg - 0.03, (logreg, sgd)

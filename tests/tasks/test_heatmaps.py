@@ -94,7 +94,9 @@ def test_cam_of_a_linear_head_decomposes_its_decision_score_exactly(head, classe
         explained = explainer.explain(images[keep], classes=[c] * int(keep.sum()))
         means = np.array([e.heatmap.mean() for e in explained])
         assert explained[0].heatmap.shape == (3, 3)
-        np.testing.assert_allclose(means, scores[:, c] - intercepts[c], rtol=1e-4, atol=1e-4)
+        # float32 maps: the rounding grows with the largest score (averaged sgd's reach ~2e3 here)
+        np.testing.assert_allclose(means, scores[:, c] - intercepts[c], rtol=1e-4,
+                                   atol=1e-4 + 1e-6 * np.abs(scores).max())
     # And the probabilities the explainer reports are the head's own on the stored features.
     predicted = explainer.explain(images[keep])
     np.testing.assert_allclose([e.probabilities for e in predicted], class_probabilities(head_model, features[keep]),
