@@ -188,26 +188,43 @@ class BundleExplainer:
     def __init__(self, bundle: ModelBundle, batch_size: int = 16):
         import keras
 
-        if bundle.metadata.head_format not in ("skops", "keras"):
-            # A whole model on images (a fine-tuned one) would take its map model from its own backbone, and its
-            # head on pooled features as a Keras head: not done here yet.
-            raise BundleError(f"No heatmaps yet for {bundle.metadata.head_format} bundles ({bundle.path})")
         extractor = bundle_extractor(bundle, batch_size)  # checks the bundle's record against this backbone zoo
         self.bundle, self.extractor = bundle, extractor
         self.image_size, self.pooling = extractor.image_size, extractor.settings.pooling
         self.names = bundle.metadata.class_names
         self.dtype = np.dtype(bundle.metadata.extraction.feature_dtype)
         self.head = load_head(bundle)
+        if bundle.metadata.whole_model:
+            # A fine-tuned network: its own (trained) backbone gives the maps, its head on pooled features the scores.
+            self.map_model, self.feature_head = self._split_whole_model(keras, extractor.spec.name)
+            self.method: HeatmapMethod = "grad-cam"
+            self.head_on_maps = self._head_on_maps(keras)
+            return
         # Maps need gradients, so TensorFlow computes them whatever runtime made the rows; int8 is OpenVINO's
         # alone, and its maps come from the float32 model it was quantised from.
         precision = "float32" if extractor.precision == "int8" else extractor.precision
         self.map_model = feature_map_model(extractor.spec.name, extractor.image_size, precision, extractor.weights)
+        self.feature_head = self.head.model if bundle.metadata.head_format == "keras" else None
         if bundle.metadata.head_format == "skops" and self.pooling in ("avg", "flatten"):
-            self.method: HeatmapMethod = "cam"
+            self.method = "cam"
             self.weights, self.intercepts = linear_class_weights(self.head, len(self.names))
         else:
             self.method = "grad-cam"
             self.head_on_maps = self._head_on_maps(keras)
+
+    def _split_whole_model(self, keras, backbone: str) -> tuple[object, object]:
+        """(image → last feature map, pooled features → probabilities) out of a fine-tuned network, which is
+        image → `BACKBONE_POOLING` (build_feature_model's model) → `head` (tasks/heads/finetune.py)."""
+        whole = self.head.model
+        try:
+            feature_model = whole.get_layer(f"{backbone}_{self.pooling}")
+            pooling = next(layer for layer in feature_model.layers if layer.name == f"{self.pooling}_pool_features"
+                           or (self.pooling == "flatten" and layer.name == "flatten_features"))
+            head = whole.get_layer("head")
+        except (ValueError, StopIteration):
+            raise BundleError(f"Expected the fine-tuned network of {self.bundle.path} to hold its backbone "
+                              f"({backbone}_{self.pooling}) and its head: no heatmaps for it") from None
+        return keras.Model(feature_model.inputs, pooling.input, name=f"{backbone}_map"), head
 
     def _head_on_maps(self, keras):
         """Map → pooling → head, one Keras model ending in its own softmax Dense layer (so Grad-CAM can take the
@@ -215,14 +232,13 @@ class BundleExplainer:
         maps = keras.Input(tuple(self.map_model.output.shape[1:]), name="feature_map")
         pooled = {"avg": keras.layers.GlobalAveragePooling2D(), "max": keras.layers.GlobalMaxPooling2D(),
                   "flatten": keras.layers.Flatten()}[self.pooling](maps)
-        if self.bundle.metadata.head_format == "keras":
-            head = self.head.model
+        if self.feature_head is not None:  # a Keras head on pooled features (a fine-tuned network's own head too)
+            head = self.feature_head
             last = head.layers[-1]
             if not isinstance(last, keras.layers.Dense):
                 raise BundleError(f"Expected the Keras head of {self.bundle.path} to end in a Dense layer, "
                                   f"got {type(last).__name__}")
             if len(head.inputs) != 1 or tuple(head.inputs[0].shape[1:]) != tuple(pooled.shape[1:]):
-                # A whole model taking images (a fine-tuned one) goes through grad_cam with its map layer instead.
                 raise BundleError(f"Expected the Keras head of {self.bundle.path} to take {pooled.shape[1]}-d "
                                   f"features, it takes {[tuple(i.shape[1:]) for i in head.inputs]}")
             hidden = keras.Model(head.inputs, last.input, name="head_body")(pooled)
@@ -243,9 +259,12 @@ class BundleExplainer:
 
         batch = self.extractor.spec.preprocess(images)
         maps = np.asarray(self.map_model(tf.convert_to_tensor(batch), training=False))
-        # Round through the store's dtype: the head was trained on features stored that way.
-        features = pool_maps(maps, self.pooling).astype(self.dtype).astype(np.float32)
-        probabilities = class_probabilities(self.head, features)
+        if self.bundle.metadata.whole_model:  # the network's own head, on its own pooled maps (nothing stored)
+            probabilities = np.asarray(self.feature_head(pool_maps(maps, self.pooling), training=False))
+        else:
+            # Round through the store's dtype: the head was trained on features stored that way.
+            features = pool_maps(maps, self.pooling).astype(self.dtype).astype(np.float32)
+            probabilities = class_probabilities(self.head, features)
         chosen = np.argmax(probabilities, axis=1) if classes is None else np.asarray(classes, dtype=int)
         if self.method == "cam":
             heat = class_activation_maps(maps, self.weights[chosen], self.pooling)

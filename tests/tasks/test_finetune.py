@@ -176,3 +176,23 @@ def test_on_the_default_backbone_only_the_top_layers_train_with_no_batch_statist
     images = np.random.default_rng(0).uniform(-1, 1, size=(4, SIZE, SIZE, 3)).astype(np.float32)
     # Training mode computes exactly what extraction computes: frozen BN statistics, stochastic depth off.
     np.testing.assert_array_equal(np.asarray(model(images, training=True)), np.asarray(model(images, training=False)))
+
+
+def test_a_fine_tuned_network_gets_grad_cam_from_its_own_trained_backbone(trained, dataset):
+    from transfer_flow.tasks.heatmaps import BundleExplainer
+    from transfer_flow.tasks.images import decoded_batches
+
+    training, folder = trained
+    bundle = load_bundle(folder)
+    paths = sorted(dataset.rglob("*.*"))[::4]  # both classes, JPEG and PNG
+    images = np.stack(next(decoded_batches(paths, SIZE, len(paths))))
+    explainer = BundleExplainer(bundle)
+    assert explainer.method == "grad-cam"
+    explained = explainer.explain(images)
+    # The scores are the network's own (its trained backbone, not the store's weights: the top layers moved), each
+    # map is of the predicted class, over the backbone's last feature grid (1 x 1 for ResNet50 at 32 px).
+    whole = image_probabilities(bundle, dataset, [str(p.relative_to(dataset)) for p in paths])
+    np.testing.assert_allclose(np.stack([e.probabilities for e in explained]), whole, rtol=1e-4, atol=1e-5)
+    assert [e.heat_class for e in explained] == whole.argmax(axis=1).tolist()
+    grid = tuple(explainer.map_model.output.shape[1:3])
+    assert all(e.heatmap.shape == grid and np.isfinite(e.heatmap).all() and (e.heatmap >= 0).all() for e in explained)
