@@ -100,7 +100,8 @@ def map_rows(labels: np.ndarray, is_test: np.ndarray, seed: int, cap: int = FEAT
 def feature_map(features: np.ndarray, labels: np.ndarray, is_test: np.ndarray, is_wrong: np.ndarray,
                 class_names: list[str], seed: int,
                 total_rows: int) -> tuple[FeatureMapSummary, FeatureMapPoints] | None:
-    """A 2-D t-SNE of the given rows (already sampled by map_rows); None when there are too few to place."""
+    """A 2-D t-SNE of the given rows (already sampled by map_rows); None when there are too few to place, or
+    fewer than 10 distinct ones."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
@@ -109,7 +110,16 @@ def feature_map(features: np.ndarray, labels: np.ndarray, is_test: np.ndarray, i
         return None
     reduced = PCA(n_components=min(FEATURE_MAP_PCA_DIMS, n - 1, features.shape[1]), random_state=seed)
     with threadpool_limits(1):
-        components = reduced.fit_transform(np.asarray(features, np.float32))
+        components = reduced.fit_transform(np.asarray(features, np.float64))
+        # Barnes-Hut t-SNE segfaults (scikit-learn's quadtree) when points coincide: constant features (random
+        # weights at tiny sizes, float16 underflow) leave nothing to map. Scale-free test: distinct rows at 1e-4
+        # of the spread; the map is then drawn on unit-spread components (t-SNE does not care about scale).
+        spread = float(np.std(components)) if components.size else 0.0
+        if not np.isfinite(spread) or spread == 0.0:
+            return None
+        components = components / spread
+        if len(np.unique(np.round(components, 4), axis=0)) < 10:
+            return None
         xy = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=seed,
                   max_iter=FEATURE_MAP_ITERATIONS, n_jobs=1).fit_transform(components)
     points = FeatureMapPoints(x=xy[:, 0].tolist(), y=xy[:, 1].tolist(), labels=np.asarray(labels).tolist(),

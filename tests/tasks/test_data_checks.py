@@ -16,7 +16,7 @@ from transfer_flow.storage.demo_dataset import write_digits_dataset
 from transfer_flow.storage.feature_store import read_contents
 from transfer_flow.storage.report import write_report
 from transfer_flow.storage.report_metrics import ReportMetrics
-from transfer_flow.tasks.data_checks import map_rows, stratified_sample
+from transfer_flow.tasks.data_checks import feature_map, map_rows, stratified_sample
 from transfer_flow.tasks.evaluation import data_check_pictures, evaluate_bundle
 from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
 from transfer_flow.tasks.hashing import hash_manifest
@@ -155,3 +155,23 @@ def test_the_map_keeps_every_test_row_and_samples_the_rest_by_class():
     expected = np.bincount(labels[~is_test], minlength=4) / (~is_test).sum()
     assert np.abs(share - expected).max() < 0.01
     assert np.array_equal(stratified_sample(labels, 5000, 0), np.arange(len(labels)))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-13, 1.0])
+def test_the_map_is_drawn_at_any_feature_scale_and_skipped_when_nothing_differs(scale):
+    """Random weights at tiny sizes give features of ~1e-13 (0 once stored as float16); Barnes-Hut t-SNE
+    crashed the whole process on points that coincide. Tiny features are still mapped; constant ones are not."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), 30)
+    features = (rng.normal(size=(60, 16)) + 3 * labels[:, None]) * scale
+    is_test = np.arange(60) % 4 == 0
+    drawn = feature_map(features, labels, is_test, np.zeros(60, bool), ["a", "b"], seed=0, total_rows=60)
+    if scale == 0.0:
+        assert drawn is None
+    else:
+        summary, points = drawn
+        xy = np.column_stack([points.x, points.y])
+        assert summary.points == 60 and np.isfinite(xy).all() and np.ptp(xy, axis=0).min() > 0
+        # The two classes land apart: each point's nearest neighbour is of its own class.
+        nearest = np.argsort(((xy[:, None] - xy[None]) ** 2).sum(-1), axis=1)[:, 1]
+        assert (labels[nearest] == labels).mean() > 0.9
