@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "augment")
     args = parser.parse_args()
-    from transfer_flow.storage.demo_dataset import write_digits_dataset
+    from digits_subset import digits_subset
+
     from transfer_flow.tasks.evaluation import evaluate_bundle
     from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
     from transfer_flow.tasks.hashing import hash_manifest
@@ -34,13 +35,7 @@ def main() -> None:
     from transfer_flow.tasks.splitting import split_manifest
     from transfer_flow.tasks.training import TrainingSettings, train_head
 
-    source = write_digits_dataset(args.workdir / "all")
-    dataset = args.workdir / f"digits-{args.per_class}"
-    shutil.rmtree(dataset, ignore_errors=True)
-    for folder in sorted(source.iterdir()):
-        (dataset / folder.name).mkdir(parents=True)
-        for file in sorted(folder.glob("*.png"))[: args.per_class]:
-            shutil.copy(file, dataset / folder.name / file.name)
+    dataset = digits_subset(args.workdir, args.per_class)
     manifest, _ = hash_manifest(list_dataset(dataset, seed=42))
     manifest = split_manifest(manifest, test_size=0.25, seed=42)
     print(f"{len(manifest.records)} digits, {args.backbone} at {args.image_size} px, head {args.head}")
