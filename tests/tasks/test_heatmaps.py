@@ -64,8 +64,8 @@ def trained_bundle(tmp_path, head, features, labels, record, map_shape=None):
     inputs = HeadInputs(rows=np.arange(len(labels)), labels=labels, is_val=np.zeros(len(labels), bool),
                         n_classes=int(labels.max()) + 1, read=lambda rows: features[rows], block_rows=8,
                         map_shape=map_shape)
-    fitted, _ = get_head(head).fit(inputs, TrainingSettings(head=head, c_grid=[1.0], cv_folds=2, epochs=40,
-                                                            patience=5, sgd_epochs=5))
+    settings = TrainingSettings(head=head, c_grid=[1.0], cv_folds=2, epochs=40, patience=5, sgd_epochs=5)
+    fitted, _ = get_head(head).fit(inputs, settings.resolved())  # what train_head hands a fit
     names = list(COLOURS)[:int(labels.max()) + 1]
     return save_bundle(tmp_path / head, fitted, BundleMetadata(extraction=record, feature_dim=features.shape[1],
                                                                class_names=names, head=head,
