@@ -74,6 +74,39 @@ def shared_with_workers() -> Iterator[None]:
         yield
 
 
+# TensorFlow's C++ start-up lines that TF_CPP_MIN_LOG_LEVEL no longer reaches: 2.21 logs them before absl's log is
+# initialised, straight to the process's stderr (tensorflow/tensorflow#100442).
+NATIVE_START_UP_LINES = ("oneDNN custom operations are on", "All log messages before absl::InitializeLog()")
+
+
+@contextlib.contextmanager
+def native_start_up_lines_dropped() -> Iterator[None]:
+    """Everything written to the process's stderr meanwhile (by native code too) is held, then passed on without
+    TensorFlow's start-up lines. A user who asked for TensorFlow's logs (TF_CPP_MIN_LOG_LEVEL=0) gets them all."""
+    import sys
+    import tempfile
+
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith(("WARNING: All log messages", "I0000")) or
+                    not any(banner in line for banner in NATIVE_START_UP_LINES)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
 def start_api_while_importing(*modules: str) -> None:
     """Start the Prefect API a flow talks to first while a thread imports what its tasks need later.
 
@@ -89,11 +122,12 @@ def start_api_while_importing(*modules: str) -> None:
     from prefect.client.orchestration import get_client
 
     def import_all() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001  (see the docstring)
-                return
+        with native_start_up_lines_dropped():
+            for name in modules:
+                try:
+                    importlib.import_module(name)
+                except Exception:  # noqa: BLE001  (see the docstring)
+                    return
 
     importer = threading.Thread(target=import_all, name="transfer-flow-imports", daemon=True)
     importer.start()
