@@ -136,7 +136,13 @@ def extraction_plan(
     return plan
 
 
-@task(name="extract shard", cache_policy=NONE, retries=2)
+def worth_retrying(task, task_run, state) -> bool:
+    """A retry helps a shard whose worker died or met a passing fault, not one refused for a reason only the user
+    can mend (weights not cached, a vanished folder, a full disk): that would show the same error three times."""
+    return not isinstance(state.result(raise_on_failure=False), TransferFlowError)
+
+
+@task(name="extract shard", cache_policy=NONE, retries=2, retry_condition_fn=worth_retrying)
 def extracted_shard(records: list[ImageRecord], root: str, plan: ExtractionPlan) -> int:
     """Decode and extract some images into a committed shard; a retry redoes only this shard."""
     return extract_records(records, Path(root), plan)
