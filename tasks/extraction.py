@@ -189,11 +189,14 @@ class FeatureExtractor:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_forward": None}
 
+    def forward_request(self) -> ForwardRequest:
+        """What the runtime is asked for: this extractor's backbone, settings and weights."""
+        return ForwardRequest(backbone=self.spec, image_size=self.image_size, pooling=self.settings.pooling,
+                              precision=self.precision, weights=self.weights, batch_size=self.settings.batch_size,
+                              calibration=self.calibration, calibration_images=self.calibration_images)
+
     def _build(self):
-        request = ForwardRequest(backbone=self.spec, image_size=self.image_size, pooling=self.settings.pooling,
-                                 precision=self.precision, weights=self.weights, batch_size=self.settings.batch_size,
-                                 calibration=self.calibration, calibration_images=self.calibration_images)
-        return get_runtime(self.runtime).load().forward(request)
+        return get_runtime(self.runtime).load().forward(self.forward_request())
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if self._forward is None:

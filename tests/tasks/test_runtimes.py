@@ -1,7 +1,6 @@
 """Runtimes: OpenVINO gives TensorFlow's rows (fp32) and its accuracy (bf16, int8) on real features; a converted
 model is cached, and the next process uses it without TensorFlow; int8 is OpenVINO's alone."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from transfer_flow.flows.cli import EXIT_USER_ERROR, main
 from transfer_flow.storage.compiled_models import ENTRY_FILE
 from transfer_flow.storage.feature_store import read_contents, read_features
 from transfer_flow.tasks import extraction
-from transfer_flow.tasks.backbones import cpu_supports_bf16
+from transfer_flow.tasks.backbones import BACKBONES, cpu_supports_bf16
 from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
 from transfer_flow.tasks.hashing import hash_manifest
 from transfer_flow.tasks.listing import list_dataset
@@ -28,19 +27,6 @@ from transfer_flow.tasks.splitting import split_manifest
 
 # Real ImageNet weights (offline), small images: real features at a few seconds per conversion.
 LITE = dict(backbone="efficientnet_lite0", weights="imagenet", image_size=48, pooling="avg", batch_size=50)
-
-
-@pytest.fixture(scope="module")
-def compiled_models(tmp_path_factory):
-    """A cache of this module's own: the first test that needs a model converts it, the others reuse it."""
-    folder = tmp_path_factory.mktemp("compiled-models")
-    previous = os.environ.get("TRANSFER_FLOW_COMPILED_MODELS")
-    os.environ["TRANSFER_FLOW_COMPILED_MODELS"] = str(folder)
-    yield folder
-    if previous is None:
-        del os.environ["TRANSFER_FLOW_COMPILED_MODELS"]
-    else:
-        os.environ["TRANSFER_FLOW_COMPILED_MODELS"] = previous
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +150,46 @@ def test_a_damaged_cached_model_is_rebuilt_with_a_warning(stores, compiled_model
     result = extract_features(digits, tmp_path / "rebuilt.h5", settings)
     assert "cached model unusable" in caplog.text and "SHA-256" in caplog.text
     np.testing.assert_array_equal(rows(result)[1], rows(stores["openvino/float32"])[1])
+
+
+def converted_request(backbone: str, pooling: str, batch_size: int = 2):
+    """A random-weight backbone at a small size (a 2×2 or 3×3 map), as extraction asks OpenVINO for it."""
+    from transfer_flow.tasks.backbones import get_backbone, resolve_weights
+    from transfer_flow.tasks.runtimes import ForwardRequest
+
+    spec = get_backbone(backbone)
+    return ForwardRequest(backbone=spec, image_size=max(spec.min_size, 64), pooling=pooling, precision="float32",
+                          weights=resolve_weights(spec, "none"), batch_size=batch_size)
+
+
+# Every backbone in the registry; the ones not named by the issue (each a conversion) with the slow tests.
+MAP_CASES = [pytest.param(name, "avg", marks=() if name in ("efficientnet_lite0", "mobilenet_v2") else
+                          pytest.mark.slow) for name in BACKBONES] + [
+    ("efficientnet_lite0", "flatten"), ("mobilenet_v2", "flatten")]
+
+
+@pytest.mark.parametrize("backbone, pooling", MAP_CASES)
+def test_the_converted_model_gives_its_last_feature_map(backbone, pooling, compiled_models):
+    """The map found in the converted model is the one its pooling reads: pooled as the backbone pools, it gives
+    the model's own features, and adding it as an output leaves those features as they were."""
+    from transfer_flow.tasks.heatmaps import pool_maps
+    from transfer_flow.tasks.runtimes import openvino_runtime
+
+    request = converted_request(backbone, pooling)
+    features = openvino_runtime.forward(request)  # converts, once, into the cache
+    batch = request.backbone.preprocess(np.random.default_rng(0).integers(0, 256, (2, request.image_size,
+                                                                                    request.image_size, 3)))
+    maps, with_maps = openvino_runtime.feature_map_forward(request)(batch)
+    assert maps.shape[0] == 2 and maps.shape[3] == request.backbone.channels and maps.shape[1] == maps.shape[2]
+    np.testing.assert_array_equal(with_maps, features(batch))
+    np.testing.assert_allclose(pool_maps(maps, pooling), with_maps, rtol=1e-5, atol=1e-5 * np.abs(with_maps).max())
+    assert np.ptp(maps) > 0
+
+
+def test_no_feature_map_without_a_cached_model(tmp_path, monkeypatch):
+    """Nothing is converted to give maps: without an intact cached model the caller builds its own."""
+    from transfer_flow.tasks.runtimes import openvino_runtime
+
+    monkeypatch.setenv("TRANSFER_FLOW_COMPILED_MODELS", str(tmp_path))
+    assert openvino_runtime.feature_map_forward(converted_request("mobilenet_v2", "avg")) is None
+    assert list(tmp_path.iterdir()) == []
