@@ -96,4 +96,5 @@ class ForwardRequest:
     batch_size: int
     calibration: str = ""  # identity of the int8 calibration set ("" otherwise)
     calibration_images: CalibrationImages | None = None  # needed only to build an int8 model not yet cached
+    bundle: str = ""  # a model bundle carrying this converted model (int8), to seed a cache that lacks it
 

@@ -26,6 +26,7 @@ from transfer_flow.storage.compiled_models import (
 )
 from transfer_flow.storage.content_keys import content_key
 from transfer_flow.storage.errors import SettingsError
+from transfer_flow.storage.model_bundle import copy_bundled_backbone, load_bundle
 from transfer_flow.tasks.backbones import BackboneSpec, Precision, build_feature_model, cpu_supports_bf16
 from transfer_flow.tasks.efficientnet_lite import keras_home
 from transfer_flow.tasks.images import decoded_batches
@@ -85,10 +86,11 @@ def feature_map_forward(request: ForwardRequest) -> Callable[[np.ndarray], tuple
     """Preprocessed batch → (its last feature maps (n, height, width, channels) float32, its pooled features), by
     the cached model of `request` with the pooling's input added as a second output, compiled at the request's
     precision: the maps the stored features were pooled from (CAM heatmaps), with no TensorFlow. None when the
-    cache holds no intact model for `request` or its pooling is not where expected (the caller builds its own)."""
+    cache holds no intact model for `request` (nor a bundle carrying it) or its pooling is not where expected (the
+    caller builds its own)."""
     import openvino
 
-    folder = cached_entry(request)
+    folder = cached_entry(request) or (cached_model(request) if request.bundle else None)
     if folder is None:
         return None
     core = openvino.Core()
@@ -197,6 +199,9 @@ def cached_model(request: ForwardRequest) -> Path:
     except UnusableEntryError as error:
         stage_logger().warning("extract: cached model unusable, rebuilding it: %s", error)
         remove_entry(folder)
+    if request.bundle:
+        seed_from_bundle(request, folder, key)
+        return folder
     if request.precision == "int8" and request.calibration_images is None:
         raise SettingsError(f"The int8 model for these features ({request.calibration}) is not in the compiled-model "
                             f"cache ({compiled_models_dir()}) and needs its training images to be rebuilt: rerun "
@@ -219,6 +224,22 @@ def cached_model(request: ForwardRequest) -> Path:
 
     publish_entry(folder, write)
     return folder
+
+
+def seed_from_bundle(request: ForwardRequest, folder: Path, key: str) -> None:
+    """Publish the converted model a bundle carries as this request's cache entry (its files checked on the copy)."""
+    bundle = load_bundle(Path(request.bundle))
+    stage_logger().info("predict: the compiled-model cache lacks %s's model: taking it from %s", request.backbone.name,
+                        request.bundle)
+
+    def write(tmp: Path) -> CompiledModelEntry:
+        copy_bundled_backbone(bundle, tmp)
+        return CompiledModelEntry(
+            key=key, runtime="openvino", runtime_version=version(), files={},
+            description=f"{request.backbone.name} {request.image_size}px {request.pooling} {request.precision} "
+                        f"weights {request.weights.identity()}, from bundle {request.bundle}")
+
+    publish_entry(folder, write)
 
 
 def convert(request: ForwardRequest) -> object:

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,73 @@ def test_no_feature_map_without_a_cached_model(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFER_FLOW_COMPILED_MODELS", str(tmp_path))
     assert openvino_runtime.feature_map_forward(converted_request("mobilenet_v2", "avg")) is None
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(stores, tmp_path_factory):
+    """A logreg head trained on the int8 rows: its bundle carries the int8 model (calibrated on training images)."""
+    from transfer_flow.tasks.training import TrainingSettings, train_head
+
+    folder = tmp_path_factory.mktemp("int8-bundle")
+    return train_head(stores["openvino/int8"].store, folder / "model",
+                      TrainingSettings(head="logreg", c_grid=[1.0], cv_folds=2)).bundle
+
+
+def test_an_int8_bundle_predicts_with_the_model_it_carries_when_the_cache_lacks_it(stores, int8_bundle, tmp_path,
+                                                                                    monkeypatch):
+    """The compiled-model cache emptied (another machine, a cleared cache): the bundle's own int8 model gives its
+    evaluation probabilities, and seeds the cache; fp32/bf16 bundles carry none (their model is made again)."""
+    from transfer_flow.storage.model_bundle import BACKBONE_DIR, load_head
+    from transfer_flow.tasks.heads import class_probabilities
+    from transfer_flow.tasks.prediction import predict_images
+
+    store = stores["openvino/int8"].store
+    assert sorted(int8_bundle.metadata.backbone_files) == ["model.bin", "model.xml"]
+    assert 0 < int8_bundle.metadata.backbone_files["model.bin"].size < 8 << 20  # Lite0 int8: a few MB
+    contents = read_contents(store)
+    test = np.flatnonzero(np.asarray(contents.split) == "test")
+    evaluated = class_probabilities(load_head(int8_bundle), read_features(store, test))
+    empty = tmp_path / "empty-cache"
+    monkeypatch.setenv("TRANSFER_FLOW_COMPILED_MODELS", str(empty))
+    root = store.attrs["dataset_root"]
+    rows = predict_images(int8_bundle, [f"{root}/{contents.paths[i]}" for i in test], top_k=10)
+    names = int8_bundle.metadata.class_names
+    predicted = np.zeros_like(evaluated)
+    for r, row in enumerate(rows):
+        assert not row.error
+        predicted[r, [names.index(label) for label in row.labels]] = row.confidences
+    np.testing.assert_allclose(predicted, evaluated, atol=2e-3)
+    assert (predicted.argmax(axis=1) == evaluated.argmax(axis=1)).mean() >= 0.99
+    [seeded] = list(empty.iterdir())  # the cache now holds it, checked like any entry
+    assert (seeded / ENTRY_FILE).is_file() and (seeded / "model.bin").read_bytes() == \
+        (Path(int8_bundle.path) / BACKBONE_DIR / "model.bin").read_bytes()
+    assert stores["openvino/float32"].store.attrs["precision"] == "float32"
+    from transfer_flow.tasks.training import TrainingSettings, train_head
+
+    fp32 = train_head(stores["openvino/float32"].store, tmp_path / "fp32-model",
+                      TrainingSettings(head="logreg", c_grid=[1.0], cv_folds=2)).bundle
+    assert fp32.metadata.backbone_files == {} and not (Path(fp32.path) / BACKBONE_DIR).exists()
+
+
+def test_an_int8_bundle_with_a_tampered_model_is_refused_in_one_line(stores, int8_bundle, tmp_path, monkeypatch):
+    import shutil
+
+    from transfer_flow.storage.errors import BundleError
+    from transfer_flow.storage.model_bundle import BACKBONE_DIR, load_bundle
+    from transfer_flow.tasks.prediction import predict_images
+
+    copy = Path(shutil.copytree(int8_bundle.path, tmp_path / "bundle"))
+    with (copy / BACKBONE_DIR / "model.bin").open("r+b") as model:  # same size, other content
+        model.seek(1000)
+        model.write(b"\x7f" * 64)
+    empty = tmp_path / "empty-cache"
+    monkeypatch.setenv("TRANSFER_FLOW_COMPILED_MODELS", str(empty))
+    contents = read_contents(stores["openvino/int8"].store)
+    image = f"{stores['openvino/int8'].store.attrs['dataset_root']}/{contents.paths[0]}"
+    with pytest.raises(BundleError, match="model.bin does not match the hash recorded in bundle.json") as refused:
+        predict_images(load_bundle(copy), [image])
+    assert "\n" not in str(refused.value)
+    assert not any(path.name == ENTRY_FILE for path in empty.rglob("*"))  # nothing published from it
+    (copy / BACKBONE_DIR / "model.bin").write_bytes(b"short")  # another size: refused before it is read
+    with pytest.raises(BundleError, match="has 5 bytes"):
+        predict_images(load_bundle(copy), [image])
