@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import shutil
 import tempfile
 import zipfile
 from importlib import metadata
@@ -28,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
 
 from transfer_flow.storage.atomic import atomic_path
+from transfer_flow.storage.compiled_models import CachedFile
 from transfer_flow.storage.errors import BundleError, OutputExistsError
 from transfer_flow.storage.extraction_record import ExtractionRecord, read_record, record_attrs
 
@@ -38,6 +40,10 @@ HEAD_FILES = {"skops": HEAD_FILE, "keras": KERAS_HEAD_FILE, "keras-model": KERAS
 HeadFormat = Literal["skops", "keras", "keras-model"]
 IMAGES_PER_CALL = 32  # a whole network's predict batch: images are far larger than feature rows
 METADATA_FILE = "bundle.json"
+# The backbone's converted model, carried where it cannot be made again from the bundle alone (int8: calibrated on
+# the training images); exactly these names, in this folder of the bundle.
+BACKBONE_DIR = "backbone"
+BACKBONE_FILES = ("model.xml", "model.bin")
 _PREVIOUS_EXTRACTION_FIELDS = ("backbone", "weights_source", "image_size", "pooling", "precision", "preprocessing",
                                "feature_dtype")
 # Every type a scikit-learn head of ours is made of (tasks/heads.py: logreg, linear-svm, the sgd pipeline),
@@ -74,6 +80,10 @@ class BundleMetadata(BaseModel):
     stage_key: str = Field(default="", description="Cache key of the training that made this bundle.")
     training_summary: dict[str, Any] = Field(default_factory=dict, description="n_train, best_params, cv_score.")
     head_sha256: str = ""
+    backbone_files: dict[str, CachedFile] = Field(
+        default_factory=dict,
+        description=f"The backbone's converted model carried in {BACKBONE_DIR}/ (int8 only: its calibration needs "
+                    "the training images): file name → size and SHA-256.")
     created: str = ""
     library_versions: dict[str, str] = Field(default_factory=dict)
 
@@ -81,6 +91,13 @@ class BundleMetadata(BaseModel):
     def whole_model(self) -> bool:
         """The head is the whole network: it reads preprocessed images, not the store's features."""
         return self.head_format == "keras-model"
+
+    @field_validator("backbone_files")
+    @classmethod
+    def _known_backbone_files(cls, files: dict[str, CachedFile]) -> dict[str, CachedFile]:
+        if files and sorted(files) != sorted(BACKBONE_FILES):
+            raise ValueError(f"Expected the backbone files {', '.join(BACKBONE_FILES)}, got {', '.join(sorted(files))}")
+        return files
 
     @model_validator(mode="before")
     @classmethod
@@ -144,7 +161,9 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def save_bundle(directory: Path, head: Any, bundle_metadata: BundleMetadata, *, overwrite: bool = False) -> ModelBundle:
+def save_bundle(directory: Path, head: Any, bundle_metadata: BundleMetadata, *, overwrite: bool = False,
+                backbone: Path | None = None) -> ModelBundle:
+    """`backbone`: a folder holding the backbone's converted model (BACKBONE_FILES), copied into the bundle."""
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise OutputExistsError(f"Model bundle {directory} already exists (pass --overwrite to replace it)")
@@ -162,14 +181,48 @@ def save_bundle(directory: Path, head: Any, bundle_metadata: BundleMetadata, *, 
             import skops.io as sio  # deferred: it imports scikit-learn's whole type registry (seconds)
 
             head_file.write_bytes(sio.dumps(head))
+        carried = {}
+        if backbone is not None:
+            (tmp / BACKBONE_DIR).mkdir()
+            for name in BACKBONE_FILES:
+                copy = Path(shutil.copyfile(Path(backbone) / name, tmp / BACKBONE_DIR / name))
+                carried[name] = CachedFile(size=copy.stat().st_size, sha256=_sha256(copy))
         final = bundle_metadata.model_copy(update={
             "head_format": head_format,
             "head_sha256": hashlib.sha256(head_file.read_bytes()).hexdigest(),
+            "backbone_files": carried,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "library_versions": _versions(),
         })
         (tmp / METADATA_FILE).write_text(final.model_dump_json(indent=2), encoding="utf-8")
     return ModelBundle(path=str(directory), metadata=final)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def copy_bundled_backbone(bundle: ModelBundle, destination: Path) -> None:
+    """Copy the backbone's converted model the bundle carries into `destination`, each file's size checked before
+    it is read and the copy's SHA-256 checked against bundle.json: what is used afterwards is the checked copy.
+    BundleError (one line) when the bundle carries none, or a file is missing, of another size or content."""
+    files = bundle.metadata.backbone_files
+    if not files:
+        raise BundleError(f"Bundle {bundle.path} carries no backbone model")
+    for name, expected in files.items():
+        if name not in BACKBONE_FILES:  # bundle.json is validated, but this is the last line before the disk
+            raise BundleError(f"Bundle {bundle.path} lists {name!r} as a backbone file: refusing it")
+        source = Path(bundle.path) / BACKBONE_DIR / name
+        if source.is_symlink() or not source.is_file():
+            raise BundleError(f"{source} is missing or not a plain file: the bundle is incomplete")
+        if source.stat().st_size != expected.size:
+            raise BundleError(f"{source} has {source.stat().st_size} bytes, {METADATA_FILE} records {expected.size}: "
+                              "refusing to load it")
+        copy = Path(shutil.copyfile(source, Path(destination) / name))
+        if copy.stat().st_size != expected.size or _sha256(copy) != expected.sha256:
+            copy.unlink()
+            raise BundleError(f"{source} does not match the hash recorded in {METADATA_FILE}: refusing to load it")
 
 
 def read_bundle_metadata(directory: Path) -> BundleMetadata:

@@ -174,7 +174,7 @@ class FeatureExtractor:
     built (or loaded from the compiled-model cache) on first use, per process."""
 
     def __init__(self, settings: ExtractionSettings, weights: ResolvedWeights, *, calibration: str = "",
-                 calibration_images: CalibrationImages | None = None):
+                 calibration_images: CalibrationImages | None = None, bundle: str = ""):
         self.settings = settings
         self.weights = weights
         self.spec = get_backbone(settings.backbone)
@@ -184,16 +184,21 @@ class FeatureExtractor:
         self.precision = settings.resolved_precision()
         self.calibration = calibration
         self.calibration_images = calibration_images
+        self.bundle = bundle  # a bundle carrying the converted model (ForwardRequest.bundle)
         self._forward = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_forward": None}
 
+    def forward_request(self) -> ForwardRequest:
+        """What the runtime is asked for: this extractor's backbone, settings and weights."""
+        return ForwardRequest(backbone=self.spec, image_size=self.image_size, pooling=self.settings.pooling,
+                              precision=self.precision, weights=self.weights, batch_size=self.settings.batch_size,
+                              calibration=self.calibration, calibration_images=self.calibration_images,
+                              bundle=self.bundle)
+
     def _build(self):
-        request = ForwardRequest(backbone=self.spec, image_size=self.image_size, pooling=self.settings.pooling,
-                                 precision=self.precision, weights=self.weights, batch_size=self.settings.batch_size,
-                                 calibration=self.calibration, calibration_images=self.calibration_images)
-        return get_runtime(self.runtime).load().forward(request)
+        return get_runtime(self.runtime).load().forward(self.forward_request())
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if self._forward is None:
@@ -203,6 +208,16 @@ class FeatureExtractor:
         if n < self.settings.batch_size:  # pad the last batch so the compiled graph is reused
             batch = np.concatenate([batch, np.zeros((self.settings.batch_size - n, *batch.shape[1:]), batch.dtype)])
         return np.asarray(self._forward(batch))[:n]
+
+
+def recorded_extractor(record: ExtractionRecord, weights: ResolvedWeights, *, batch_size: int = 32,
+                       bundle: str = "") -> FeatureExtractor:
+    """The extractor a store's or bundle's rows came from, by its record: the same runtime too (features of
+    another runtime differ in the last bits)."""
+    settings = ExtractionSettings(backbone=record.backbone, image_size=record.image_size, pooling=record.pooling,
+                                  precision=record.precision, batch_size=batch_size, runtime=record.runtime,
+                                  feature_dtype=record.feature_dtype)
+    return FeatureExtractor(settings, weights, calibration=record.calibration, bundle=bundle)
 
 
 RESIZE = "bilinear, straight to image_size (no crop)"

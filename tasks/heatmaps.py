@@ -15,6 +15,11 @@ Two methods, chosen by the head:
 
 Either way one forward pass (plus one backward pass for Grad-CAM) per image gives both the prediction and
 the map. The image is the one the network saw: decoded and resized as for extraction.
+
+CAM's maps come from the runtime that made the rows where it can give them (OpenVINO: its cached converted
+model with the pooling's input as a second output, at the rows' precision, with no TensorFlow import), so
+the maps are what the stored features were pooled from; otherwise, and for Grad-CAM (gradients), from
+TensorFlow's map model (build_feature_map_model).
 """
 from __future__ import annotations
 
@@ -39,9 +44,11 @@ from transfer_flow.tasks.backbones import (
     build_feature_map_model,
     get_backbone,
 )
+from transfer_flow.tasks.extraction import FeatureExtractor
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decoded_batches
 from transfer_flow.tasks.prediction import bundle_extractor
+from transfer_flow.tasks.runtimes import get_runtime
 
 HeatmapMethod = Literal["cam", "grad-cam"]
 OVERLAY_ALPHA = 0.5  # at full heat, half the colour map and half the image: the image stays readable
@@ -173,6 +180,29 @@ def feature_map_model(backbone: str, image_size: int, precision: Precision, weig
     return _BUILT_MAP_MODEL[key]
 
 
+_RUNTIME_MAPS: dict[tuple, Callable] = {}  # likewise: one runtime's map pass kept compiled (the last asked for)
+
+
+def runtime_feature_maps(extractor: FeatureExtractor) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+    """The extractor's runtime's own pass giving the last feature maps and the pooled features at the rows'
+    precision, where the runtime has one (`feature_map_forward`) and can make it from what it has cached; None
+    otherwise. Made once for consecutive uses with the same settings."""
+    make = getattr(get_runtime(extractor.runtime).load(), "feature_map_forward", None)
+    if make is None:
+        return None
+    request = extractor.forward_request()
+    key = (extractor.runtime, request.backbone.name, request.image_size, request.pooling, request.precision,
+           request.weights.source, request.weights.file, request.weights.identity(), request.calibration,
+           request.batch_size)
+    if key not in _RUNTIME_MAPS:
+        made = make(request)
+        if made is None:
+            return None
+        _RUNTIME_MAPS.clear()
+        _RUNTIME_MAPS[key] = made
+    return _RUNTIME_MAPS[key]
+
+
 @dataclass
 class Explained:
     """One image: what the head said, and where it looked (the map of the class asked for, or the predicted)."""
@@ -186,30 +216,40 @@ class BundleExplainer:
     """A bundle's backbone and head, rebuilt to give class-activation maps. Built once, used for many batches."""
 
     def __init__(self, bundle: ModelBundle, batch_size: int = 16):
-        import keras
-
         extractor = bundle_extractor(bundle, batch_size)  # checks the bundle's record against this backbone zoo
         self.bundle, self.extractor = bundle, extractor
         self.image_size, self.pooling = extractor.image_size, extractor.settings.pooling
         self.names = bundle.metadata.class_names
         self.dtype = np.dtype(bundle.metadata.extraction.feature_dtype)
         self.head = load_head(bundle)
+        self.runtime_maps = None  # the store's runtime giving maps and features (CAM only), else TensorFlow's maps
         if bundle.metadata.whole_model:
+            import keras
+
             # A fine-tuned network: its own (trained) backbone gives the maps, its head on pooled features the scores.
             self.map_model, self.feature_head = self._split_whole_model(keras, extractor.spec.name)
             self.method: HeatmapMethod = "grad-cam"
             self.head_on_maps = self._head_on_maps(keras)
             return
-        # Maps need gradients, so TensorFlow computes them whatever runtime made the rows; int8 is OpenVINO's
-        # alone, and its maps come from the float32 model it was quantised from.
-        precision = "float32" if extractor.precision == "int8" else extractor.precision
-        self.map_model = feature_map_model(extractor.spec.name, extractor.image_size, precision, extractor.weights)
         self.feature_head = self.head.model if bundle.metadata.head_format == "keras" else None
         if bundle.metadata.head_format == "skops" and self.pooling in ("avg", "flatten"):
             self.method = "cam"
             self.weights, self.intercepts = linear_class_weights(self.head, len(self.names))
+            # CAM needs no gradients: the runtime that made the rows gives the maps at their precision, when it can
+            # from what it has cached (OpenVINO: its converted model, with no TensorFlow import).
+            self.runtime_maps = runtime_feature_maps(extractor)
+            if self.runtime_maps is not None:
+                return
         else:
             self.method = "grad-cam"
+        # Grad-CAM needs gradients, so TensorFlow computes its maps whatever runtime made the rows (and CAM's when
+        # that runtime cannot); int8 is OpenVINO's alone, and its maps come from the float32 model it was
+        # quantised from.
+        precision = "float32" if extractor.precision == "int8" else extractor.precision
+        self.map_model = feature_map_model(extractor.spec.name, extractor.image_size, precision, extractor.weights)
+        if self.method == "grad-cam":
+            import keras
+
             self.head_on_maps = self._head_on_maps(keras)
 
     def _split_whole_model(self, keras, backbone: str) -> tuple[object, object]:
@@ -255,22 +295,33 @@ class BundleExplainer:
     def explain(self, images: np.ndarray, classes: Sequence[int] | None = None) -> list[Explained]:
         """Decoded uint8 images (n, size, size, 3) → each one's probabilities and the map of `classes[i]`
         (default: the predicted class)."""
-        import tensorflow as tf
-
         batch = self.extractor.spec.preprocess(images)
-        maps = np.asarray(self.map_model(tf.convert_to_tensor(batch), training=False))
+        if self.runtime_maps is not None:
+            maps, features = self._runtime_pass(batch)
+        else:
+            import tensorflow as tf
+
+            maps = np.asarray(self.map_model(tf.convert_to_tensor(batch), training=False))
+            features = pool_maps(maps, self.pooling)
         if self.bundle.metadata.whole_model:  # the network's own head, on its own pooled maps (nothing stored)
-            probabilities = np.asarray(self.feature_head(pool_maps(maps, self.pooling), training=False))
+            probabilities = np.asarray(self.feature_head(features, training=False))
         else:
             # Round through the store's dtype: the head was trained on features stored that way.
-            features = pool_maps(maps, self.pooling).astype(self.dtype).astype(np.float32)
-            probabilities = class_probabilities(self.head, features)
+            probabilities = class_probabilities(self.head, features.astype(self.dtype).astype(np.float32))
         chosen = np.argmax(probabilities, axis=1) if classes is None else np.asarray(classes, dtype=int)
         if self.method == "cam":
             heat = class_activation_maps(maps, self.weights[chosen], self.pooling)
         else:
             heat = grad_cam_on_maps(self.head_on_maps, maps, chosen.tolist())
         return [Explained(p, int(c), h) for p, c, h in zip(probabilities, chosen, heat)]
+
+    def _runtime_pass(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The runtime's maps and features of `batch`, padded to the batch size it was compiled for, as extraction
+        pads its last batch."""
+        n, size = len(batch), self.extractor.settings.batch_size
+        chunks = [self.runtime_maps(_padded(batch[start:start + size], size)) for start in range(0, n, size)]
+        maps, features = (np.concatenate([chunk[i] for chunk in chunks])[:n] for i in (0, 1))
+        return maps, features
 
     def explain_files(self, paths: Sequence[str], classes: Sequence[int] | None = None,
                       batch_size: int = 16) -> list[tuple[np.ndarray, Explained] | str]:
@@ -286,6 +337,11 @@ class BundleExplainer:
                     explained[i] = (decoded[i], item)
             results += [explained.get(i, decoded[i]) for i in range(len(decoded))]
         return results
+
+
+def _padded(batch: np.ndarray, size: int) -> np.ndarray:
+    missing = size - len(batch)
+    return batch if missing <= 0 else np.concatenate([batch, np.zeros((missing, *batch.shape[1:]), batch.dtype)])
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, side: int | None = None) -> np.ndarray:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from transfer_flow.storage.errors import BundleError, DatasetError
 from transfer_flow.storage.model_bundle import ModelBundle, load_bundle, load_head
 from transfer_flow.tasks.backbones import get_backbone, recorded_weights
-from transfer_flow.tasks.extraction import ExtractionSettings, FeatureExtractor
+from transfer_flow.tasks.extraction import FeatureExtractor, recorded_extractor
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decoded_batches
 from transfer_flow.tasks.listing import IMAGE_EXTENSIONS
@@ -119,12 +119,8 @@ def bundle_extractor(bundle: ModelBundle, batch_size: int = 32) -> FeatureExtrac
     if record.runtime not in RUNTIMES:
         raise BundleError(f"Bundle {bundle.path} was extracted with runtime {record.runtime!r}, which this version "
                           f"does not have ({', '.join(RUNTIMES)})")
-    # The same runtime as the store: features of another runtime differ in the last bits.
-    settings = ExtractionSettings(backbone=record.backbone, image_size=record.image_size, pooling=record.pooling,
-                                  precision=record.precision, batch_size=batch_size, runtime=record.runtime,
-                                  feature_dtype=record.feature_dtype)
-    extractor = FeatureExtractor(settings, recorded_weights(record.weights, f"Bundle {bundle.path}", BundleError),
-                                 calibration=record.calibration)
+    extractor = recorded_extractor(record, recorded_weights(record.weights, f"Bundle {bundle.path}", BundleError),
+                                   batch_size=batch_size, bundle=bundle.path if meta.backbone_files else "")
     if extractor.feature_dim != meta.feature_dim:
         raise BundleError(f"Bundle {bundle.path} expects {meta.feature_dim}-d features, {record.backbone} with "
                           f"{record.pooling} pooling at {record.image_size} px gives {extractor.feature_dim}-d")

@@ -17,8 +17,10 @@ from transfer_flow.storage.feature_store import (
     rows_per_chunk,
 )
 from transfer_flow.storage.model_bundle import BundleMetadata, ModelBundle, head_matches, load_bundle, save_bundle
-from transfer_flow.tasks.backbones import BACKBONES, get_backbone
+from transfer_flow.tasks.backbones import BACKBONES, get_backbone, recorded_weights
+from transfer_flow.tasks.extraction import recorded_extractor
 from transfer_flow.tasks.heads import HEADS, HeadInputs, HeadName, TrainingImages, heads_help
+from transfer_flow.tasks.logs import stage_logger
 
 CLASSIC_C_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]  # the classic recipe's grid
 # sgd's default block: 8 row chunks (~8 MiB of features, so memory stays flat). One chunk (204 rows of 1,280-d)
@@ -131,6 +133,22 @@ def extraction_of(store: FeatureStore) -> ExtractionRecord:
     return store.extraction
 
 
+def carried_backbone(store: FeatureStore, record: ExtractionRecord) -> Path | None:
+    """The converted model a bundle of these rows carries: int8's, from the compiled-model cache (it cannot be made
+    again without the training images); None for other precisions, or, with a warning, when the cache lacks it
+    (then the bundle predicts only where the cache has it)."""
+    if record.runtime != "openvino" or record.precision != "int8":
+        return None
+    from transfer_flow.tasks.runtimes.openvino_runtime import cached_entry
+
+    weights = recorded_weights(record.weights, f"Store {store.path}", StoreError)
+    folder = cached_entry(recorded_extractor(record, weights).forward_request())
+    if folder is None:
+        stage_logger().warning("train: the int8 model of %s is not in the compiled-model cache: the bundle cannot "
+                               "carry it, and predicts only where the cache has it", store.path)
+    return folder
+
+
 def feature_map_shape(store: FeatureStore, head: str) -> tuple[int, int, int]:
     """(height, width, channels) of the unpooled map a `--pooling flatten` store holds, for a head that pools
     it itself (gap)."""
@@ -185,5 +203,5 @@ def train_head(
         head_params={**settings.head_settings(), **summary["best_params"]}, store_fingerprint=store.fingerprint(),
         stage_key=key,
         training_summary={"n_train": len(rows), **summary, "fit_seconds": time.perf_counter() - fit_started},
-    ), overwrite=True)
+    ), overwrite=True, backbone=carried_backbone(store, record))
     return TrainingResult(bundle=bundle, **bundle.metadata.training_summary, seconds=time.perf_counter() - started)

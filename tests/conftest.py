@@ -37,6 +37,20 @@ def prefect_api():
         yield
 
 
+@pytest.fixture(scope="module")
+def compiled_models(tmp_path_factory):
+    """A compiled-model cache of the test module's own: the first test that needs a model converts it, the others
+    reuse it."""
+    folder = tmp_path_factory.mktemp("compiled-models")
+    previous = os.environ.get("TRANSFER_FLOW_COMPILED_MODELS")
+    os.environ["TRANSFER_FLOW_COMPILED_MODELS"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["TRANSFER_FLOW_COMPILED_MODELS"]
+    else:
+        os.environ["TRANSFER_FLOW_COMPILED_MODELS"] = previous
+
+
 @pytest.fixture(scope="session")
 def colour_dataset(tmp_path_factory) -> Path:
     """3 classes × 8 good images (mixed JPEG/PNG)."""

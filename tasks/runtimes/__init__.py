@@ -7,6 +7,7 @@ here plus its module, which provides:
     version() -> str                                  part of its compiled models' cache key
     default_precision(spec) -> Precision              the fastest measured on this machine
     forward(request: ForwardRequest) -> Callable      preprocessed batch (batch_size, S, S, 3) -> float32 features
+    feature_map_forward(request) -> Callable | None   optional: batch -> (last feature maps, features), for CAM
 
 Keras' JAX and PyTorch backends would be entries too; neither is installed where this was built.
 """
@@ -95,4 +96,5 @@ class ForwardRequest:
     batch_size: int
     calibration: str = ""  # identity of the int8 calibration set ("" otherwise)
     calibration_images: CalibrationImages | None = None  # needed only to build an int8 model not yet cached
+    bundle: str = ""  # a model bundle carrying this converted model (int8), to seed a cache that lacks it
 

@@ -4,6 +4,7 @@ compiled for the CPU; int8 by NNCF post-training quantisation on training images
 The first run with a key builds the Keras model (TensorFlow), converts it (and quantises it), and saves the
 IR in the cache (storage/compiled_models.py); OpenVINO keeps its compiled blob beside it (CACHE_DIR). Every
 later run with the same key reads the IR and the blob: no TensorFlow import, no conversion, no compilation.
+The report's CAM heatmaps read the same IR, with the last feature map added as an output (feature_map_forward).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from transfer_flow.storage.compiled_models import (
 )
 from transfer_flow.storage.content_keys import content_key
 from transfer_flow.storage.errors import SettingsError
+from transfer_flow.storage.model_bundle import copy_bundled_backbone, load_bundle
 from transfer_flow.tasks.backbones import BackboneSpec, Precision, build_feature_model, cpu_supports_bf16
 from transfer_flow.tasks.efficientnet_lite import keras_home
 from transfer_flow.tasks.images import decoded_batches
@@ -76,24 +78,115 @@ def forward(request: ForwardRequest) -> Callable[[np.ndarray], np.ndarray]:
     folder = cached_model(request)
     core = openvino.Core()
     model = core.read_model(folder / "model.xml")
-    model.reshape([request.batch_size, request.image_size, request.image_size, 3])
+    infer = _infer(_compiled(core, model, folder, request))
+    return lambda batch: infer(batch)[0]
+
+
+def feature_map_forward(request: ForwardRequest) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+    """Preprocessed batch → (its last feature maps (n, height, width, channels) float32, its pooled features), by
+    the cached model of `request` with the pooling's input added as a second output, compiled at the request's
+    precision: the maps the stored features were pooled from (CAM heatmaps), with no TensorFlow. None when the
+    cache holds no intact model for `request` (nor a bundle carrying it) or its pooling is not where expected (the
+    caller builds its own)."""
+    import openvino
+
+    folder = cached_entry(request) or (cached_model(request) if request.bundle else None)
+    if folder is None:
+        return None
+    core = openvino.Core()
+    model = core.read_model(folder / "model.xml")
+    try:
+        feature_map, order = last_feature_map(model, request)
+    except UnusableEntryError as error:
+        stage_logger().warning("heatmaps: the cached model in %s gives no feature map (%s)", folder, error)
+        return None
+    model.add_outputs([feature_map])
+    infer = _infer(_compiled(core, model, folder, request))
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        features, maps = infer(batch)
+        return maps.transpose(order), features
+
+    return run
+
+
+_POOLING_OPS = {"avg": "ReduceMean", "max": "ReduceMax", "flatten": "Reshape"}
+_PASS_THROUGH = {"Convert"}  # what conversion may leave between the pooling and the model's output
+
+
+def last_feature_map(model, request: ForwardRequest) -> tuple[object, tuple[int, int, int, int]]:
+    """The output of `model` (a converted build_feature_model) that its pooling reads, the last feature map, and
+    the axis order taking it to (n, height, width, channels): conversion keeps Keras' channels-last at the input
+    and output but may run the body channels-first, so the layout is read off the pooling's own axes, and checked
+    against the backbone's channel count (the sides are the network's own: valid-padded ones are smaller than
+    size / stride). Raises UnusableEntryError when the model does not end as build_feature_model's do."""
+    results = model.get_results()
+    if len(results) != 1:
+        raise UnusableEntryError(f"expected one output, the model has {len(results)}")
+    node = results[0].input_value(0).get_node()
+    while node.get_type_name() in _PASS_THROUGH:
+        node = node.input_value(0).get_node()
+    expected = _POOLING_OPS[request.pooling]
+    if node.get_type_name() != expected:
+        raise UnusableEntryError(f"expected {request.pooling} pooling ({expected}) before the output, "
+                                 f"found {node.get_type_name()}")
+    feature_map = node.input_value(0)
+    shape = feature_map.get_partial_shape()
+    if shape.rank.is_dynamic or shape.rank.get_length() != 4:
+        raise UnusableEntryError(f"expected a (batch, height, width, channels) map before the pooling, got {shape}")
+    if request.pooling == "flatten":  # Keras flattens channels-last: the reshape's input is in that order
+        order = (0, 1, 2, 3)
+    else:
+        axes = sorted(int(axis) % 4 for axis in node.input_value(1).get_node().get_data().ravel())
+        if len(axes) != 2 or 0 in axes:
+            raise UnusableEntryError(f"expected the pooling to reduce two spatial axes, it reduces {axes}")
+        channel = ({1, 2, 3} - set(axes)).pop()
+        order = (0, axes[0], axes[1], channel)
+    channels = shape[order[3]]
+    if channels.is_dynamic or channels.get_length() != request.backbone.channels:
+        raise UnusableEntryError(f"expected {request.backbone.channels} channels in the map before the pooling, got "
+                                 f"{shape} read as channels on axis {order[3]}")
+    return feature_map, order
+
+
+def _compiled(core, model, folder: Path, request: ForwardRequest):
+    """`model` reshaped to the request's batch and compiled at its precision, through the entry's blob cache."""
+    model.reshape({model.inputs[0]: [request.batch_size, request.image_size, request.image_size, 3]})
     config = {"PERFORMANCE_HINT": PERFORMANCE_HINT, "INFERENCE_PRECISION_HINT": _HINT[request.precision],
               "CACHE_DIR": str(folder / "blobs")}
     try:
-        compiled = core.compile_model(model, "CPU", config)
+        return core.compile_model(model, "CPU", config)
     except RuntimeError as error:  # a damaged compiled blob: drop it and compile afresh
         stage_logger().warning("extract: compiled blob in %s unusable (%s); compiling again", folder,
                                str(error).splitlines()[0][:160])
         remove_entry(folder / "blobs")
-        compiled = core.compile_model(model, "CPU", config)
-    request_ = compiled.create_infer_request()
-    lock = threading.Lock()  # one infer request; a Dask worker's threads may share this extractor
+        return core.compile_model(model, "CPU", config)
 
-    def run(batch: np.ndarray) -> np.ndarray:
+
+def _infer(compiled) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """Batch → the compiled model's outputs in order, through one infer request (a Dask worker's threads may
+    share an extractor: one at a time)."""
+    request = compiled.create_infer_request()
+    lock = threading.Lock()
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
         with lock:
-            return np.array(request_.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})[0])
+            results = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+            return [np.array(results[output]) for output in compiled.outputs]
 
     return run
+
+
+def cached_entry(request: ForwardRequest) -> Path | None:
+    """The folder holding this request's converted model when the cache has it intact, else None (an unusable
+    entry is logged and left for the next extraction to rebuild): nothing is built."""
+    key = model_key(request)
+    folder = entry_dir(compiled_models_dir(), request.backbone.name, key)
+    try:
+        return folder if read_entry(folder, key) is not None else None
+    except UnusableEntryError as error:
+        stage_logger().warning("cached model in %s unusable: %s", folder, error)
+        return None
 
 
 def cached_model(request: ForwardRequest) -> Path:
@@ -106,6 +199,9 @@ def cached_model(request: ForwardRequest) -> Path:
     except UnusableEntryError as error:
         stage_logger().warning("extract: cached model unusable, rebuilding it: %s", error)
         remove_entry(folder)
+    if request.bundle:
+        seed_from_bundle(request, folder, key)
+        return folder
     if request.precision == "int8" and request.calibration_images is None:
         raise SettingsError(f"The int8 model for these features ({request.calibration}) is not in the compiled-model "
                             f"cache ({compiled_models_dir()}) and needs its training images to be rebuilt: rerun "
@@ -128,6 +224,22 @@ def cached_model(request: ForwardRequest) -> Path:
 
     publish_entry(folder, write)
     return folder
+
+
+def seed_from_bundle(request: ForwardRequest, folder: Path, key: str) -> None:
+    """Publish the converted model a bundle carries as this request's cache entry (its files checked on the copy)."""
+    bundle = load_bundle(Path(request.bundle))
+    stage_logger().info("predict: the compiled-model cache lacks %s's model: taking it from %s", request.backbone.name,
+                        request.bundle)
+
+    def write(tmp: Path) -> CompiledModelEntry:
+        copy_bundled_backbone(bundle, tmp)
+        return CompiledModelEntry(
+            key=key, runtime="openvino", runtime_version=version(), files={},
+            description=f"{request.backbone.name} {request.image_size}px {request.pooling} {request.precision} "
+                        f"weights {request.weights.identity()}, from bundle {request.bundle}")
+
+    publish_entry(folder, write)
 
 
 def convert(request: ForwardRequest) -> object:

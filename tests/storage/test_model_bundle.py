@@ -7,12 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from transfer_flow.storage.errors import BundleError, OutputExistsError
-from transfer_flow.storage.model_bundle import HEAD_FILE, BundleMetadata, load_bundle, load_head, save_bundle
+from transfer_flow.storage.model_bundle import (
+    BACKBONE_DIR,
+    HEAD_FILE,
+    BundleMetadata,
+    copy_bundled_backbone,
+    load_bundle,
+    load_head,
+    save_bundle,
+)
 
 X = np.array([[0.0, 1.0], [1.0, 0.0], [0.1, 0.9], [0.9, 0.2]])
 Y = np.array([0, 1, 0, 1])
@@ -39,6 +48,31 @@ def test_altered_head_is_refused(tmp_path):
     head_file.write_bytes(head_file.read_bytes() + b"\0")
     with pytest.raises(BundleError, match="does not match the hash"):
         load_head(load_bundle(tmp_path / "model"))
+
+
+def test_a_carried_backbone_model_is_copied_only_as_recorded(tmp_path):
+    """The files of a carried backbone model: exactly the allow-listed names, a plain file of the recorded size
+    (checked before reading), and the copy's SHA-256 as recorded; anything else is refused in one line."""
+    source = tmp_path / "converted"
+    source.mkdir()
+    (source / "model.xml").write_text("<net/>")
+    (source / "model.bin").write_bytes(bytes(range(256)) * 4)
+    bundle = save_bundle(tmp_path / "model", LogisticRegression().fit(X, Y), metadata(), backbone=source)
+    assert load_bundle(tmp_path / "model").metadata.backbone_files == bundle.metadata.backbone_files
+    out = tmp_path / "out"
+    out.mkdir()
+    copy_bundled_backbone(load_bundle(tmp_path / "model"), out)
+    assert (out / "model.bin").read_bytes() == (source / "model.bin").read_bytes()
+    carried = tmp_path / "model" / BACKBONE_DIR / "model.bin"
+    os.remove(carried)
+    os.symlink(source / "model.bin", carried)  # the same bytes, but not a file of the bundle's own
+    with pytest.raises(BundleError, match="not a plain file"):
+        copy_bundled_backbone(load_bundle(tmp_path / "model"), tmp_path / "out")
+    meta = json.loads((tmp_path / "model" / "bundle.json").read_text())
+    meta["backbone_files"]["../../outside.bin"] = meta["backbone_files"].pop("model.bin")
+    (tmp_path / "model" / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(ValidationError, match="Expected the backbone files model.xml, model.bin"):
+        load_bundle(tmp_path / "model")
 
 
 def test_missing_metadata_is_a_clear_error(tmp_path):

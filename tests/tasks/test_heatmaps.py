@@ -1,13 +1,24 @@
 """Class-activation heatmaps on real features: Lite0 with its ImageNet weights at 96 px (a 3x3 feature map), heads
 trained by the project's own fits on coloured squares placed in one cell of a 3x3 grid."""
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from transfer_flow.storage.extraction_record import ExtractionRecord
+from transfer_flow.storage.feature_store import read_contents, read_features
 from transfer_flow.storage.model_bundle import BundleMetadata, load_head, save_bundle
-from transfer_flow.tasks.backbones import get_backbone, resolve_weights
-from transfer_flow.tasks.extraction import ExtractionSettings, FeatureExtractor
+from transfer_flow.storage.report_metrics import read_metrics
+from transfer_flow.tasks import heatmaps
+from transfer_flow.tasks.backbones import cpu_supports_bf16, get_backbone, resolve_weights
+from transfer_flow.tasks.extraction import ExtractionSettings, FeatureExtractor, extract_features
+from transfer_flow.tasks.hashing import hash_manifest
 from transfer_flow.tasks.heads import HeadInputs, class_probabilities, get_head
 from transfer_flow.tasks.heatmaps import (
     BundleExplainer,
@@ -17,9 +28,12 @@ from transfer_flow.tasks.heatmaps import (
     linear_class_weights,
     overlay,
     pool_maps,
+    report_heatmaps,
 )
 from transfer_flow.tasks.images import decode_image
-from transfer_flow.tasks.training import TrainingSettings
+from transfer_flow.tasks.listing import list_dataset
+from transfer_flow.tasks.splitting import split_manifest
+from transfer_flow.tasks.training import TrainingSettings, train_head
 
 SIZE, CELL = 96, 32  # Lite0's total stride is 32: one map position per 32-pixel cell
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 30), "blue": (20, 30, 230)}
@@ -215,3 +229,132 @@ def test_overlay_is_the_image_where_cold_and_coloured_where_hot():
     assert np.abs(drawn[-1, -1].astype(int) - 128).max() > 40  # full heat: visibly coloured
     assert overlay(image, -heat).tolist() == image.tolist()  # no positive evidence anywhere: the image alone
     assert overlay(image, heat, side=32).shape == (32, 32, 3)
+
+
+# --- CAM on an OpenVINO store: the maps from its cached converted model, at the store's precision ---------------
+
+OPENVINO_PRECISIONS = ["float32", *(["bfloat16"] if cpu_supports_bf16() else []), "int8"]
+
+
+@pytest.fixture(scope="module")
+def openvino_runs(squares, compiled_models, tmp_path_factory):
+    """The squares as a class-folder dataset, extracted on OpenVINO at each precision through the pipeline's own
+    path (plan, decode, runtime, store), and a logreg bundle trained on each store's rows."""
+    paths, labels, _ = squares
+    root = tmp_path_factory.mktemp("square-classes")
+    for path, label in zip(paths, labels):
+        (root / list(COLOURS)[label]).mkdir(exist_ok=True)
+        shutil.copy(path, root / list(COLOURS)[label] / Path(path).name)
+    manifest = split_manifest(hash_manifest(list_dataset(root, seed=0))[0], test_size=0.25, seed=0)
+    runs = {}
+    for precision in OPENVINO_PRECISIONS:
+        settings = ExtractionSettings(backbone="efficientnet_lite0", image_size=SIZE, pooling="avg",
+                                      runtime="openvino", precision=precision, batch_size=8)
+        store = extract_features(manifest, root.parent / f"{precision}.h5", settings).store
+        bundle = train_head(store, root.parent / f"{precision}-model",
+                            TrainingSettings(head="logreg", c_grid=[1.0], cv_folds=2)).bundle
+        runs[precision] = store, bundle
+    return runs
+
+
+def stored_rows(store):
+    """The store's features as stored, and its images decoded as extraction decoded them."""
+    contents = read_contents(store)
+    root = Path(store.attrs["dataset_root"])
+    images = np.stack([decode_image(str(root / path), SIZE) for path in contents.paths])
+    return read_features(store, np.arange(store.n_rows)), images
+
+
+@pytest.mark.parametrize("precision", OPENVINO_PRECISIONS)
+def test_cam_on_an_openvino_store_decomposes_the_scores_of_its_stored_features(precision, openvino_runs):
+    """The maps come from the store's own runtime and precision (its cached model): their CAM's mean is the decision
+    score the head gives the STORED row, minus the intercept, and the probabilities are the head's on those rows."""
+    store, bundle = openvino_runs[precision]
+    assert store.attrs["runtime"] == "openvino" and store.attrs["precision"] == precision
+    explainer = BundleExplainer(bundle)
+    assert explainer.method == "cam" and explainer.runtime_maps is not None
+    features, images = stored_rows(store)
+    head = load_head(bundle)
+    scores = decision_scores(head, features, 3)
+    _, intercepts = linear_class_weights(head, 3)
+    for c in range(3):
+        explained = explainer.explain(images, classes=[c] * len(images))
+        assert explained[0].heatmap.shape == (3, 3)
+        np.testing.assert_allclose([e.heatmap.mean() for e in explained], scores[:, c] - intercepts[c],
+                                   rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+    np.testing.assert_allclose([e.probabilities for e in explainer.explain(images)],
+                               class_probabilities(head, features), rtol=1e-4, atol=1e-6)
+
+
+def test_cam_from_the_openvino_model_is_the_tensorflow_models_cam(openvino_runs, squares, tmp_path, monkeypatch):
+    """float32: the same maps whichever runtime computes them. Without a cached model (an empty cache), the
+    explainer builds TensorFlow's map model instead, and gives the same heatmaps."""
+    _, _, cells = squares
+    store, bundle = openvino_runs["float32"]
+    _, images = stored_rows(store)
+    by_openvino = BundleExplainer(bundle)
+    monkeypatch.setattr(heatmaps, "_RUNTIME_MAPS", {})  # as in a new process whose cache is empty
+    monkeypatch.setenv("TRANSFER_FLOW_COMPILED_MODELS", str(tmp_path))
+    by_tensorflow = BundleExplainer(bundle)
+    assert by_openvino.runtime_maps is not None and by_tensorflow.runtime_maps is None
+    assert list(tmp_path.iterdir()) == []  # the fallback converts nothing
+    heat = np.stack([e.heatmap for e in by_openvino.explain(images)])
+    np.testing.assert_allclose(heat, np.stack([e.heatmap for e in by_tensorflow.explain(images)]),
+                               rtol=1e-3, atol=1e-4 * np.abs(heat).max())
+
+
+NO_TENSORFLOW = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class NoTensorFlow(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "tensorflow":
+                raise ImportError("tensorflow is not importable in this test")
+
+    sys.meta_path.insert(0, NoTensorFlow())
+""")
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_report_on_an_openvino_store_draws_its_heatmaps_without_tensorflow(openvino_runs, tmp_path):
+    """The report stage (evaluation, heatmaps, report files) with TensorFlow unimportable: CAM heatmaps, one per
+    gallery image, the same as in this process."""
+    store, bundle = openvino_runs["bfloat16" if "bfloat16" in openvino_runs else "float32"]
+    program = NO_TENSORFLOW + textwrap.dedent("""
+        import pickle
+        from pathlib import Path
+        from transfer_flow.storage.feature_store import open_store
+        from transfer_flow.storage.model_bundle import load_bundle
+        from transfer_flow.storage.report import write_report
+        from transfer_flow.storage.report_metrics import ReportMetrics
+        from transfer_flow.tasks.evaluation import evaluate_bundle
+        from transfer_flow.tasks.heatmaps import report_heatmaps
+
+        store, bundle, out = open_store(sys.argv[1]), load_bundle(Path(sys.argv[2])), Path(sys.argv[3])
+        result = evaluate_bundle(bundle, store, n_train=0)
+        meta = bundle.metadata
+        metrics = ReportMetrics(
+            accuracy=result.accuracy, macro_f1=result.macro_f1, n_train=result.n_train, n_test=result.n_test,
+            head=meta.head, backbone=meta.extraction.backbone, weights_source="-",
+            image_size=meta.extraction.image_size, pooling=meta.extraction.pooling,
+            precision=meta.extraction.precision, feature_dim=meta.feature_dim, store=str(store.path),
+            class_names=result.class_names, per_class=result.per_class, confusion=result.confusion,
+            misclassified=result.misclassified, correct_examples=result.correct_examples)
+        metrics, overlays = report_heatmaps(bundle, Path(store.attrs["dataset_root"]), metrics)
+        write_report(out / "report", metrics, result.classification_report, overwrite=True, heatmaps=overlays)
+        (out / "overlays.pickle").write_bytes(pickle.dumps((metrics.heatmap_method, overlays)))
+        print("tensorflow" in sys.modules, "keras" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", program, str(store.path), str(bundle.path), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "False"]
+    method, overlays = pickle.loads((tmp_path / "overlays.pickle").read_bytes())
+    metrics = read_metrics(tmp_path / "report")
+    gallery = [*metrics.misclassified, *metrics.correct_examples]
+    assert method == "cam" and gallery and len(overlays) == len(gallery)
+    assert all(item.heatmap in overlays for item in gallery)
+    _, here = report_heatmaps(bundle, Path(store.attrs["dataset_root"]), metrics)
+    assert here.keys() == overlays.keys()
+    for name, pixels in overlays.items():  # the same maps, drawn the same (PNG-exact after uint8 rounding)
+        assert np.abs(pixels.astype(int) - here[name].astype(int)).max() <= 1, name
