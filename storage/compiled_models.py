@@ -12,7 +12,6 @@ reported unusable (the caller rebuilds it).
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from transfer_flow.storage.atomic import rename_into_place, temp_dir_beside, write_text
+from transfer_flow.storage.content_keys import file_sha256
 
 ENTRY_FILE = "entry.json"
 MAX_ENTRY_BYTES = 1 << 20  # entry.json lists a few files and a few hundred calibration hashes
@@ -52,11 +52,6 @@ def entry_dir(root: Path, name: str, key: str) -> Path:
     return Path(root) / f"{name}-{key}"
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def read_entry(folder: Path, key: str) -> CompiledModelEntry | None:
     """The checked entry in `folder`; None when there is none; UnusableEntryError when it is not intact."""
     folder = Path(folder)
@@ -77,7 +72,7 @@ def read_entry(folder: Path, key: str) -> CompiledModelEntry | None:
             raise UnusableEntryError(f"{path} is missing")
         if path.stat().st_size != expected.size:
             raise UnusableEntryError(f"{path} has {path.stat().st_size} bytes, expected {expected.size}")
-        if _sha256(path) != expected.sha256:
+        if file_sha256(path) != expected.sha256:
             raise UnusableEntryError(f"{path} does not have the recorded content (SHA-256 differs)")
     return entry
 
@@ -91,7 +86,7 @@ def publish_entry(folder: Path, write: Callable[[Path], CompiledModelEntry | dic
     try:
         described = write(tmp)
         fields = described.model_dump(exclude={"files"}) if isinstance(described, BaseModel) else dict(described)
-        files = {path.name: CachedFile(size=path.stat().st_size, sha256=_sha256(path))
+        files = {path.name: CachedFile(size=path.stat().st_size, sha256=file_sha256(path))
                  for path in sorted(tmp.iterdir()) if path.is_file()}
         entry = CompiledModelEntry(**fields, files=files)
         write_text(tmp / ENTRY_FILE, entry.model_dump_json(indent=2) + "\n")

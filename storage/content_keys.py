@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 KEY_LENGTH = 16  # hex digits: 64 bits, ample for the handful of results kept per output folder
@@ -25,3 +26,9 @@ def package_version() -> str:
         return metadata.version("transfer-flow")
     except metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read in blocks (weights and converted models run to hundreds of MB)."""
+    with Path(path).open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field, field_serializer, field_validator, model_
 
 from transfer_flow.storage.atomic import atomic_path
 from transfer_flow.storage.compiled_models import CachedFile
+from transfer_flow.storage.content_keys import file_sha256
 from transfer_flow.storage.errors import BundleError, OutputExistsError
 from transfer_flow.storage.extraction_record import ExtractionRecord, read_record, record_attrs
 
@@ -186,7 +187,7 @@ def save_bundle(directory: Path, head: Any, bundle_metadata: BundleMetadata, *, 
             (tmp / BACKBONE_DIR).mkdir()
             for name in BACKBONE_FILES:
                 copy = Path(shutil.copyfile(Path(backbone) / name, tmp / BACKBONE_DIR / name))
-                carried[name] = CachedFile(size=copy.stat().st_size, sha256=_sha256(copy))
+                carried[name] = CachedFile(size=copy.stat().st_size, sha256=file_sha256(copy))
         final = bundle_metadata.model_copy(update={
             "head_format": head_format,
             "head_sha256": hashlib.sha256(head_file.read_bytes()).hexdigest(),
@@ -196,11 +197,6 @@ def save_bundle(directory: Path, head: Any, bundle_metadata: BundleMetadata, *, 
         })
         (tmp / METADATA_FILE).write_text(final.model_dump_json(indent=2), encoding="utf-8")
     return ModelBundle(path=str(directory), metadata=final)
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def copy_bundled_backbone(bundle: ModelBundle, destination: Path) -> None:
@@ -220,7 +216,7 @@ def copy_bundled_backbone(bundle: ModelBundle, destination: Path) -> None:
             raise BundleError(f"{source} has {source.stat().st_size} bytes, {METADATA_FILE} records {expected.size}: "
                               "refusing to load it")
         copy = Path(shutil.copyfile(source, Path(destination) / name))
-        if copy.stat().st_size != expected.size or _sha256(copy) != expected.sha256:
+        if copy.stat().st_size != expected.size or file_sha256(copy) != expected.sha256:
             copy.unlink()
             raise BundleError(f"{source} does not match the hash recorded in {METADATA_FILE}: refusing to load it")
 

@@ -16,7 +16,6 @@ logits are float32 and the spatial average is not taken in bfloat16.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import math
 import os
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
     import keras
 
 from transfer_flow.storage.atomic import atomic_path
+from transfer_flow.storage.content_keys import file_sha256
 from transfer_flow.storage.errors import SettingsError, StoreError, WeightsUnavailableError
 from transfer_flow.storage.torch_legacy import load_legacy_state_dict
 
@@ -278,11 +278,6 @@ def keras_home() -> Path:
     return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def _conversion_name(variant: str, source_sha256: str) -> str:
     return f"efficientnet_{variant}-{source_sha256[:12]}-v{_CONVERSION_VERSION}.weights.h5"
 
@@ -297,7 +292,7 @@ def cached_conversion(variant: str) -> Path | None:
     folder = keras_home() / "models"
     source = installed_checkpoint(variant)
     if source is not None:
-        target = folder / _conversion_name(variant, _sha256(source))
+        target = folder / _conversion_name(variant, file_sha256(source))
         return target if target.is_file() else None
     found = sorted(folder.glob(_conversion_name(variant, "*" * 12).replace("*" * 12, "*")))
     return found[-1] if found else None
@@ -313,7 +308,7 @@ def converted_weights(variant: str) -> Path | None:
     source = installed_checkpoint(variant)
     if source is None:
         return None
-    target = keras_home() / "models" / _conversion_name(variant, _sha256(source))
+    target = keras_home() / "models" / _conversion_name(variant, file_sha256(source))
     if target.is_file():
         return target
     model = _build_architecture(variant, (NATIVE_SIZE[variant], NATIVE_SIZE[variant], 3), True, None, 1000)
