@@ -71,6 +71,7 @@ def parts(store, bundle) -> None:
         return
     from transfer_flow.storage.feature_store import read_contents, read_features
     from transfer_flow.tasks.baselines import _cached, baselines
+    from transfer_flow.tasks.training import CLASSIC_C_GRID
 
     contents = read_contents(store)
     split, view = np.asarray(contents.split), contents.view
@@ -79,7 +80,7 @@ def parts(store, bundle) -> None:
     _cached.cache_clear()
     with Clock("baselines (majority, raw pixels)"):
         baselines(root, [contents.paths[i] for i in train], contents.labels[train], [contents.paths[i] for i in test],
-                  contents.labels[test], bundle.metadata.head_params.get("c_grid"), 42)
+                  contents.labels[test], bundle.metadata.head_params.get("c_grid") or CLASSIC_C_GRID, 42)
     images = np.flatnonzero(view == 0)
     features = read_features(store, images)
     with Clock("near-duplicates"):

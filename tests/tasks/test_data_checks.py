@@ -16,7 +16,16 @@ from transfer_flow.storage.demo_dataset import write_digits_dataset
 from transfer_flow.storage.feature_store import read_contents
 from transfer_flow.storage.report import write_report
 from transfer_flow.storage.report_metrics import ReportMetrics
-from transfer_flow.tasks.data_checks import feature_map, map_rows, stratified_sample
+from transfer_flow.tasks import data_checks
+from transfer_flow.tasks.data_checks import (
+    NEAR_DUPLICATE_NEIGHBOURS,
+    NEAR_DUPLICATE_SIMILARITY,
+    comparable,
+    feature_map,
+    map_rows,
+    near_duplicates,
+    stratified_sample,
+)
 from transfer_flow.tasks.evaluation import data_check_pictures, evaluate_bundle
 from transfer_flow.tasks.extraction import ExtractionSettings, extract_features
 from transfer_flow.tasks.hashing import hash_manifest
@@ -175,3 +184,39 @@ def test_the_map_is_drawn_at_any_feature_scale_and_skipped_when_nothing_differs(
         # The two classes land apart: each point's nearest neighbour is of its own class.
         nearest = np.argsort(((xy[:, None] - xy[None]) ** 2).sum(-1), axis=1)[:, 1]
         assert (labels[nearest] == labels).mean() > 0.9
+
+
+def exhaustive_near_duplicates(features: np.ndarray) -> dict[tuple[int, int], float]:
+    """The search compared with every pair in full: each row's five most similar others at the threshold."""
+    unit = comparable(features).astype(np.float64)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    pairs: dict[tuple[int, int], float] = {}
+    for i, row in enumerate(similarity):
+        for j in np.argsort(-row, kind="stable")[:NEAR_DUPLICATE_NEIGHBOURS]:
+            if row[j] >= NEAR_DUPLICATE_SIMILARITY:
+                pairs[(min(i, j), max(i, j))] = float(row[j])
+    return pairs
+
+
+@pytest.mark.parametrize("candidates", [(32, 256), (2, 6)])
+def test_near_duplicate_search_finds_what_comparing_every_pair_finds(candidates, monkeypatch):
+    """Clusters of near-copies (some larger than any candidate list, so the crowded-row paths run), singletons and
+    exact copies, in 300 dimensions: the projected search lists the same pairs at the same similarities."""
+    monkeypatch.setattr(data_checks, "NEAR_DUPLICATE_CANDIDATES", candidates)
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(40, 300))
+    sizes = rng.choice([1, 1, 2, 3, 12], size=len(centres))
+    features = np.concatenate([centre + rng.normal(scale=rng.choice([0.02, 0.1, 0.3]), size=(size, 300))
+                               for centre, size in zip(centres, sizes)] + [centres[:3]])  # exact copies too
+    paths = [f"img_{i}.png" for i in range(len(features))]
+    splits = ["test" if i % 4 == 0 else "train" for i in range(len(features))]
+
+    found = {tuple(sorted(pair.paths)): pair for pair in near_duplicates(features, paths, splits)}
+    expected = {tuple(sorted((paths[a], paths[b]))): value for (a, b), value in
+                exhaustive_near_duplicates(features).items()}
+    assert len(expected) > 40 and set(found) == set(expected)
+    assert max(abs(found[key].similarity - min(value, 1.0)) for key, value in expected.items()) < 1e-5
+    for key, pair in found.items():
+        a, b = (int(path[4:-4]) for path in key)
+        assert pair.crosses_split == ((splits[a] == "test") != (splits[b] == "test"))
