@@ -25,6 +25,7 @@ from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 from transfer_flow.storage.atomic import atomic_path  # noqa: E402
 from transfer_flow.storage.report_metrics import (  # noqa: E402
     METRICS_FILE,
+    Baselines,
     Misclassified,
     NearDuplicate,
     ReportMetrics,
@@ -53,6 +54,13 @@ def _interval_text(metrics: ReportMetrics) -> str:
     return f" (95% interval {interval[0]:.3f}–{interval[1]:.3f}, Wilson)" if interval else ""
 
 
+def sampled_text(compared: Baselines) -> str:
+    scored, total = compared.raw_pixels_test_images, compared.test_images
+    if compared.raw_pixels is None or not scored or not total or scored >= total:
+        return ""
+    return f" (on a sample of {scored:,} of the {total:,} test images)"
+
+
 def baseline_lines(metrics: ReportMetrics) -> list[str]:
     """The baselines in a sentence, and a plain warning when the features do not beat raw pixels."""
     compared = metrics.baselines
@@ -60,7 +68,8 @@ def baseline_lines(metrics: ReportMetrics) -> list[str]:
         return []
     raw = compared.raw_pixels
     lines = [f"baselines on the same split: majority class {compared.majority:.4f}, logistic regression on "
-             f"16x16 raw pixels " + (f"{raw:.4f}" if raw is not None else "not computed (images unreadable now)")]
+             f"16x16 raw pixels " + (f"{raw:.4f}" if raw is not None else "not computed (images unreadable now)")
+             + sampled_text(compared)]
     if raw is not None and metrics.accuracy <= raw:
         lines.append(f"these {metrics.backbone} features do not beat raw pixels ({metrics.accuracy:.4f} vs "
                      f"{raw:.4f}): try another backbone, a larger image size, or fine-tuning")
@@ -257,7 +266,8 @@ def report_html(metrics: ReportMetrics, pictures: dict[str, bytes],
     if metrics.baselines is not None:
         cards.append(("baseline: majority class", f"{metrics.baselines.majority:.4f}"))
         if metrics.baselines.raw_pixels is not None:
-            cards.append(("baseline: raw 16x16 pixels + logreg", f"{metrics.baselines.raw_pixels:.4f}"))
+            sampled = " (sampled)" if sampled_text(metrics.baselines) else ""
+            cards.append((f"baseline: raw 16x16 pixels + logreg{sampled}", f"{metrics.baselines.raw_pixels:.4f}"))
     settings = [("head", metrics.head), ("best", _params_text(metrics.best_params)),
                 ("backbone", metrics.backbone), ("weights", metrics.weights_source),
                 ("image size", metrics.image_size), ("pooling", metrics.pooling),

@@ -43,6 +43,9 @@ class Baselines(BaseModel):
         description="Logistic regression (the same C grid, cross-validated) on the images downsampled to 16x16 "
         "RGB; None when the images cannot be read now.",
     )
+    raw_pixels_test_images: int | None = Field(
+        default=None, description="Test images the raw-pixel baseline was scored on (large test sets are sampled).")
+    test_images: int | None = Field(default=None, description="Test images in the split.")
 
 
 class SuspectLabel(BaseModel):
