@@ -74,8 +74,8 @@ class Evaluation(BaseModel):
 
 
 # Bump when the same evaluation would give another report (2: report.html, 3: baselines, 4: heatmaps, 5: data checks,
-# 6: run context and precision-recall curves).
-REPORT_CODE_VERSION = 6
+# 6: run context and precision-recall curves, 7: sampled raw-pixel baseline).
+REPORT_CODE_VERSION = 7
 
 
 def report_key(bundle: ModelBundle, store: FeatureStore) -> str:
