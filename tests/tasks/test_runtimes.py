@@ -88,8 +88,10 @@ def test_bfloat16_and_int8_keep_the_probe_accuracy(stores):
     scores = {name: probe_accuracy(result) for name, result in stores.items()}
     assert scores["tensorflow/float32"] > 0.8, scores  # chance is 0.1: real features
     assert abs(scores["openvino/float32"] - scores["tensorflow/float32"]) <= 0.01 + 1e-9, scores
+    # What a lower precision may cost, one-sided as for int8: bf16 rows differ from f32 by ~5% relative, and
+    # that moved the probe either way, once 1.2 points up (0.8783 vs 0.8667): a gain is no cost.
     if "openvino/bfloat16" in scores:
-        assert abs(scores["openvino/bfloat16"] - scores["openvino/float32"]) <= 0.01 + 1e-9, scores
+        assert scores["openvino/bfloat16"] >= scores["openvino/float32"] - 0.01 - 1e-9, scores
     assert scores["openvino/int8"] >= scores["openvino/float32"] - 0.02 - 1e-9, scores
 
 
