@@ -28,6 +28,30 @@ WeightsSource = Literal["path", "keras-cache", "offline-package", "download", "r
 
 
 @dataclass(frozen=True)
+class Shrink:
+    """A strided or valid-padded convolution or pooling: a `kernel`-wide window moved by `stride`. Only these change
+    the side; one size / 32 rule fits no backbone whose stem is valid-padded (InceptionV3 at 299 px: 8, not 10)."""
+
+    kernel: int
+    stride: int
+    padding: Literal["same", "valid"]
+
+    def side(self, side: int) -> int:
+        if self.padding == "same":  # also ZeroPadding + valid where the padding makes it so (ResNet50, MobileNetV2)
+            return -(-side // self.stride)
+        return (side - self.kernel) // self.stride + 1
+
+
+_SAME_HALVINGS = (Shrink(3, 2, "same"),) * 5  # ceil(size / 32)
+# Xception's block1 convolutions are valid-padded, then its four strided blocks are "same".
+_XCEPTION = (Shrink(3, 2, "valid"), Shrink(3, 1, "valid"), *(Shrink(3, 2, "same"),) * 4)
+# InceptionV3's stem (two valid convolutions, max pooling, a valid 3x3, max pooling) and the valid stride-2
+# branches of its two reduction blocks (mixed3, mixed8).
+_INCEPTION_V3 = (Shrink(3, 2, "valid"), Shrink(3, 1, "valid"), Shrink(3, 2, "valid"), Shrink(3, 1, "valid"),
+                 Shrink(3, 2, "valid"), Shrink(3, 2, "valid"), Shrink(3, 2, "valid"))
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """What the pipeline needs to know about one backbone, without building it."""
 
@@ -35,7 +59,7 @@ class BackboneSpec:
     native_size: int
     min_size: int
     channels: int  # channels of the last feature map (the pooled feature dimension)
-    total_stride: int  # the feature map is ceil(size / total_stride) on each side
+    shrinks: tuple[Shrink, ...]  # the layers that make the map smaller than the image, input side first
     preprocessing: str  # recorded in the store and bundle; `preprocess` implements it
     default_precision: Precision  # TensorFlow's fastest measured on this project's CPU; see BENCHMARKS.md
     # --head finetune: how many of the backbone's top layers (counted from its output) train by default
@@ -48,10 +72,22 @@ class BackboneSpec:
     download_file: str | None = None  # Keras cache file name that `weights="imagenet"` downloads
     install_hint: str = ""  # what to install for offline weights, for the error message
 
+    def check_image_size(self, image_size: int) -> None:
+        if image_size < self.min_size:  # Keras' own smallest input for the model (below it a side would be 0)
+            raise SettingsError(f"Expected --image-size of at least {self.min_size} for {self.name}, got {image_size}")
+
+    def feature_side(self, image_size: int) -> int:
+        """Height (= width) of the last feature map for a square `image_size` input, as Keras builds it (no model
+        is built: InceptionV3 takes seconds)."""
+        self.check_image_size(image_size)
+        side = image_size
+        for shrink in self.shrinks:
+            side = shrink.side(side)
+        return side
+
     def feature_dim(self, pooling: Pooling, image_size: int) -> int:
         if pooling == "flatten":
-            side = -(-image_size // self.total_stride)
-            return side * side * self.channels
+            return self.feature_side(image_size) ** 2 * self.channels
         return self.channels
 
 
@@ -85,7 +121,8 @@ def _keras_preprocess(module: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _keras_spec(
-    name: str, module: str, constructor: str, *, native: int, min_size: int, channels: int, stride: int,
+    name: str, module: str, constructor: str, *, native: int, min_size: int, channels: int,
+    shrinks: tuple[Shrink, ...],
     preprocessing: str, weights_file: str, precision: Precision, finetune_layers: int,
 ) -> BackboneSpec:
     def cached() -> Path | None:
@@ -93,7 +130,7 @@ def _keras_spec(
         return path if path.is_file() else None
 
     return BackboneSpec(
-        name=name, native_size=native, min_size=min_size, channels=channels, total_stride=stride,
+        name=name, native_size=native, min_size=min_size, channels=channels, shrinks=shrinks,
         preprocessing=preprocessing, default_precision=precision, finetune_layers=finetune_layers,
         build_base=_keras_app(module, constructor),
         preprocess=_keras_preprocess(module), cached_weights=cached, download_file=weights_file,
@@ -106,7 +143,7 @@ def _lite_spec(variant: str) -> BackboneSpec:
 
     return BackboneSpec(
         name=f"efficientnet_{variant}", native_size=efficientnet_lite.NATIVE_SIZE[variant], min_size=32,
-        channels=efficientnet_lite.FEATURE_CHANNELS[variant], total_stride=32,
+        channels=efficientnet_lite.FEATURE_CHANNELS[variant], shrinks=_SAME_HALVINGS,
         preprocessing="lite: (x - 127) / 128 on RGB", default_precision="float32", build_base=build,
         finetune_layers=100,  # Lite0: blocks 5-15 and the head conv (of 149 layers); measured on digits, BENCHMARKS.md
         preprocess=efficientnet_lite.preprocess_input,
@@ -123,26 +160,29 @@ _TF = "tf: x / 127.5 - 1 (keras.applications.<model>.preprocess_input)"
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        _keras_spec("vgg16", "vgg16", "VGG16", native=224, min_size=32, channels=512, stride=32,
+        _keras_spec("vgg16", "vgg16", "VGG16", native=224, min_size=32, channels=512,
+                    shrinks=(Shrink(2, 2, "valid"),) * 5,  # five 2x2 max poolings, valid: floor(size / 32)
                     preprocessing=_CAFFE, weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
                     precision="bfloat16", finetune_layers=4),  # block5: three convolutions and its pooling
-        _keras_spec("resnet50", "resnet50", "ResNet50", native=224, min_size=32, channels=2048, stride=32,
-                    preprocessing=_CAFFE, weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        _keras_spec("resnet50", "resnet50", "ResNet50", native=224, min_size=32, channels=2048,
+                    shrinks=_SAME_HALVINGS, preprocessing=_CAFFE,
+                    weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
                     precision="bfloat16", finetune_layers=33),  # conv5_block2 and conv5_block3
         _keras_spec("mobilenet_v2", "mobilenet_v2", "MobileNetV2", native=224, min_size=32, channels=1280,
-                    stride=32, preprocessing=_TF,
+                    shrinks=_SAME_HALVINGS, preprocessing=_TF,
                     weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
                     precision="float32", finetune_layers=50),  # blocks 12-16 and Conv_1
         _keras_spec("efficientnet_b0", "efficientnet", "EfficientNetB0", native=224, min_size=32, channels=1280,
-                    stride=32, preprocessing="none: the model rescales and normalises inside",
+                    shrinks=_SAME_HALVINGS, preprocessing="none: the model rescales and normalises inside",
                     weights_file="efficientnetb0_notop.h5", precision="float32",
                     finetune_layers=75),  # blocks 6a-7a and top_conv
         _keras_spec("inception_v3", "inception_v3", "InceptionV3", native=299, min_size=75, channels=2048,
-                    stride=32, preprocessing=_TF,
+                    shrinks=_INCEPTION_V3, preprocessing=_TF,
                     weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", precision="bfloat16",
                     finetune_layers=63),  # the last two mixed blocks
-        _keras_spec("xception", "xception", "Xception", native=299, min_size=71, channels=2048, stride=32,
-                    preprocessing=_TF, weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        _keras_spec("xception", "xception", "Xception", native=299, min_size=71, channels=2048,
+                    shrinks=_XCEPTION, preprocessing=_TF,
+                    weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
                     precision="bfloat16", finetune_layers=16),  # block14 (separable convolutions) and the exit
         *(_lite_spec(variant) for variant in efficientnet_lite.VARIANTS),
     )
@@ -288,8 +328,7 @@ def _compute_policy(precision: Precision):
 
 
 def _checked_base(spec: BackboneSpec, image_size: int, weights: ResolvedWeights) -> object:
-    if image_size < spec.min_size:
-        raise SettingsError(f"Expected --image-size of at least {spec.min_size} for {spec.name}, got {image_size}")
+    spec.check_image_size(image_size)
     return _build_base(spec, (image_size, image_size, 3), weights)
 
 

@@ -159,7 +159,7 @@ def feature_map_shape(store: FeatureStore, head: str) -> tuple[int, int, int]:
         raise SettingsError(f"--head {head} pools the backbone's feature map itself: it needs a store of unpooled "
                             f"maps (--pooling flatten), this one is pooled with {record.pooling}")
     spec = get_backbone(record.backbone)
-    side = -(-record.image_size // spec.total_stride)
+    side = spec.feature_side(record.image_size)
     if side * side * spec.channels != store.feature_dim:
         raise StoreError(f"{store.path}: {store.feature_dim}-d rows are not a {side}x{side}x{spec.channels} map")
     return side, side, spec.channels

@@ -29,6 +29,31 @@ def test_feature_dim_matches_the_built_model(name, pooling):
     assert out.dtype == np.float32
 
 
+@pytest.mark.slow  # builds 27 models: about 35 s in all
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_flatten_width_is_the_built_models_at_every_size(name):
+    # 100 px is no multiple of 32: VGG16's pooling floors, InceptionV3's and Xception's valid-padded stems shrink
+    # the map below ceil(size / 32); the smallest size is where a side of 1 must not become 0 or 2.
+    spec = get_backbone(name)
+    for size in sorted({spec.min_size, 100, spec.native_size}):
+        model = build_feature_model(spec, image_size=size, pooling="flatten", precision="float32",
+                                    weights=resolve_weights(spec, "none"))
+        assert model.output.shape[1] == spec.feature_dim("flatten", size), f"{name} at {size} px"
+
+
+def test_valid_padded_backbones_have_smaller_maps_than_size_over_32():
+    sides = {(name, size): get_backbone(name).feature_side(size)
+             for name, size in [("inception_v3", 75), ("inception_v3", 299), ("vgg16", 100), ("xception", 100)]}
+    assert sides == {("inception_v3", 75): 1, ("inception_v3", 299): 8, ("vgg16", 100): 3, ("xception", 100): 3}
+
+
+def test_every_backbones_smallest_input_leaves_a_map_and_smaller_is_refused():
+    for spec in BACKBONES.values():
+        assert spec.feature_side(spec.min_size) >= 1
+        with pytest.raises(SettingsError, match=f"at least {spec.min_size}"):
+            spec.feature_dim("flatten", spec.min_size - 1)
+
+
 def test_classic_vgg16_flatten_is_25088_wide():
     assert get_backbone("vgg16").feature_dim("flatten", 224) == 25088
 

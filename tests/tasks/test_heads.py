@@ -122,6 +122,14 @@ def test_gap_head_pools_the_stored_map_and_round_trips(tmp_path):
     np.testing.assert_array_equal(load_head(training.bundle).predict(features), head.predict(features))
 
 
+def test_gap_head_reads_inception_v3s_valid_padded_map(tmp_path):
+    from transfer_flow.tasks.training import feature_map_shape
+
+    # InceptionV3 at its smallest input, 75 px: a 1x1 map, where ceil(75 / 32) would expect 3x3.
+    attrs = {**MAP_ATTRS, "backbone": "inception_v3", "image_size": 75}
+    assert feature_map_shape(make_store(tmp_path / "f.h5", dim=2048, attrs=attrs), "gap") == (1, 1, 2048)
+
+
 def test_gap_head_refuses_pooled_features(tmp_path):
     from transfer_flow.storage.errors import SettingsError
 
