@@ -26,8 +26,6 @@ from transfer_flow.tasks.training import HeadName
 EXIT_USER_ERROR = 2
 # Settings fields given as positional arguments, named in errors as the usage line shows them.
 POSITIONAL_NAMES = {"dataset": "DATASET", "bundle": "BUNDLE", "paths": "PATH", "source": "SOURCE"}
-# What extraction and prediction import first (seconds of start-up): imported while the Prefect API starts.
-BACKBONE_MODULES = ("tensorflow", "keras")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,8 +136,8 @@ def _run_pipeline(settings) -> int:
     from transfer_flow.flows.prefect_api import start_api_while_importing
     from transfer_flow.flows.preflight import check_pipeline
 
-    check_pipeline(settings)  # before a Prefect server is started for the flow
-    start_api_while_importing(*BACKBONE_MODULES)
+    backbone_modules = check_pipeline(settings)  # before a Prefect server is started for the flow
+    start_api_while_importing(*backbone_modules)  # what its tasks import first (seconds of start-up)
     summary = transfer_learning(settings)
     print(f"\naccuracy {summary.accuracy:.4f}, macro F1 {summary.macro_f1:.4f} ({summary.images_extracted} images "
           f"extracted, {summary.images_reused} reused, {len(summary.images_skipped)} skipped)")
@@ -167,8 +165,8 @@ def _compare(args: argparse.Namespace) -> int:
     from transfer_flow.flows.preflight import check_pipeline
 
     settings = CompareSettings.model_validate(given_settings(args, CompareSettings))
-    check_pipeline(settings)  # before a Prefect server is started for the flow
-    start_api_while_importing(*BACKBONE_MODULES)
+    backbone_modules = check_pipeline(settings)  # before a Prefect server is started for the flow
+    start_api_while_importing(*backbone_modules)  # what its tasks import first (seconds of start-up)
     summary = compare_heads(settings)
     print()
     print(Path(summary.table_markdown).read_text(encoding="utf-8"))
@@ -183,8 +181,8 @@ def _predict(args: argparse.Namespace) -> int:
     from transfer_flow.storage.predictions import predictions_csv_text
 
     settings = PredictionSettings.model_validate(given_settings(args, PredictionSettings))
-    check_prediction(settings)  # before a Prefect server is started for the flow
-    start_api_while_importing(*BACKBONE_MODULES)
+    backbone_modules = check_prediction(settings)  # before a Prefect server is started for the flow
+    start_api_while_importing(*backbone_modules)  # what its tasks import first (seconds of start-up)
     summary = batch_prediction(settings)
     if settings.output is None:
         sys.stdout.write(predictions_csv_text([r.csv_row(summary.top_k) for r in summary.rows], summary.top_k))
@@ -199,8 +197,8 @@ def _explain(args: argparse.Namespace) -> int:
     from transfer_flow.flows.preflight import check_explanation
 
     settings = ExplainSettings.model_validate(given_settings(args, ExplainSettings))
-    check_explanation(settings)  # before a Prefect server is started for the flow
-    start_api_while_importing(*BACKBONE_MODULES)
+    backbone_modules = check_explanation(settings)  # before a Prefect server is started for the flow
+    start_api_while_importing(*backbone_modules)  # what its tasks import first (seconds of start-up)
     summary = explain_with_heatmaps(settings)
     for row in summary.rows:
         if row.error:

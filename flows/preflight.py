@@ -13,21 +13,30 @@ from transfer_flow.storage.explanations import refuse_existing_explanations
 from transfer_flow.storage.output_layout import OutputLayout
 from transfer_flow.storage.predictions import refuse_existing_predictions
 from transfer_flow.tasks.backbones import BACKBONES, resolve_weights
-from transfer_flow.tasks.prediction import find_bundle
+from transfer_flow.tasks.heatmaps import explanation_imports
+from transfer_flow.tasks.prediction import bundle_runtime, find_bundle
+from transfer_flow.tasks.runtimes import get_runtime
 
 
-def check_pipeline(settings: PipelineSettings) -> None:
+def check_pipeline(settings: PipelineSettings) -> tuple[str, ...]:
+    """Returns, as every check here, what the command's tasks import to build the backbone (to import ahead), with
+    Keras' backend chosen for them: the runtime is loaded first, as resolving the weights may build a model."""
+    runtime = get_runtime(settings.resolved_runtime())
+    runtime.load()
     resolve_weights(BACKBONES[settings.backbone], settings.weights)
     OutputLayout(root=settings.output, store_format=settings.store).claim(settings.dataset,
                                                                          overwrite=settings.overwrite)
+    return runtime.imports
 
 
-def check_prediction(settings: PredictionSettings) -> None:
+def check_prediction(settings: PredictionSettings) -> tuple[str, ...]:
     if settings.output:
         refuse_existing_predictions(Path(settings.output), overwrite=settings.overwrite)
-    find_bundle(settings.bundle)
+    runtime = bundle_runtime(find_bundle(settings.bundle))
+    runtime.load()
+    return runtime.imports
 
 
-def check_explanation(settings: ExplainSettings) -> None:
+def check_explanation(settings: ExplainSettings) -> tuple[str, ...]:
     refuse_existing_explanations(Path(settings.output), overwrite=settings.overwrite)
-    find_bundle(settings.bundle)
+    return explanation_imports(find_bundle(settings.bundle))

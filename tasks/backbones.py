@@ -8,6 +8,7 @@ run.json and the report:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import sys
 import threading
 from collections.abc import Callable
@@ -289,11 +290,24 @@ def gpu_device_nodes_absent() -> bool:
 
 
 def gpu_available() -> bool:
-    if gpu_device_nodes_absent():
+    """TensorFlow sees a GPU (no TensorFlow installed: it sees none)."""
+    if gpu_device_nodes_absent() or importlib.util.find_spec("tensorflow") is None:
         return False
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
+
+
+def jax_gpu_available() -> bool:
+    """JAX sees a GPU (a CUDA or ROCm jaxlib and a device); JAX is imported only where GPU device nodes exist."""
+    if gpu_device_nodes_absent() or importlib.util.find_spec("jax") is None:
+        return False
+    import jax
+
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:  # no GPU backend in this jaxlib (the CPU wheel), or no device it can use
+        return False
 
 
 def resolve_precision(spec: BackboneSpec, requested: Precision | None) -> Precision:
@@ -332,6 +346,15 @@ def _checked_base(spec: BackboneSpec, image_size: int, weights: ResolvedWeights)
     return _build_base(spec, (image_size, image_size, 3), weights)
 
 
+_POOLING_LAYERS = {"flatten": "flatten_features", "avg": "avg_pool_features", "max": "max_pool_features"}
+_FEATURE_LAYERS = (*_POOLING_LAYERS.values(), "features")
+
+
+def pooling_layer_name(pooling: Pooling) -> str:
+    """The pooling layer's name in a `build_feature_model` model: its input is the last feature map."""
+    return _POOLING_LAYERS[pooling]
+
+
 def build_feature_model(spec: BackboneSpec, *, image_size: int, pooling: Pooling, precision: Precision,
                         weights: ResolvedWeights) -> object:
     """The backbone without its classifier, pooled as asked, returning float32 features."""
@@ -340,10 +363,10 @@ def build_feature_model(spec: BackboneSpec, *, image_size: int, pooling: Pooling
     with _compute_policy(precision):
         base = _checked_base(spec, image_size, weights)
         pooled = {
-            "flatten": keras.layers.Flatten(name="flatten_features"),
-            "avg": keras.layers.GlobalAveragePooling2D(name="avg_pool_features"),
-            "max": keras.layers.GlobalMaxPooling2D(name="max_pool_features"),
-        }[pooling](base.output)
+            "flatten": keras.layers.Flatten,
+            "avg": keras.layers.GlobalAveragePooling2D,
+            "max": keras.layers.GlobalMaxPooling2D,
+        }[pooling](name=pooling_layer_name(pooling))(base.output)
         # Features leave the model as float32 whatever the compute precision.
         features = keras.layers.Activation("linear", dtype="float32", name="features")(pooled)
         return keras.Model(base.input, features, name=f"{spec.name}_{pooling}")
@@ -362,9 +385,6 @@ def build_feature_map_model(spec: BackboneSpec, *, image_size: int, precision: P
         base = _checked_base(spec, image_size, weights)
         feature_map = keras.layers.Activation("linear", dtype="float32", name=FEATURE_MAP_LAYER)(base.output)
         return keras.Model(base.input, feature_map, name=f"{spec.name}_map")
-
-
-_FEATURE_LAYERS = ("flatten_features", "avg_pool_features", "max_pool_features", "features")
 
 
 def backbone_layers(feature_model) -> list:

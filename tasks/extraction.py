@@ -47,6 +47,7 @@ from transfer_flow.tasks.backbones import (
 from transfer_flow.tasks.images import decoded_batches
 from transfer_flow.tasks.logs import stage_logger
 from transfer_flow.tasks.runtimes import (
+    AUTO_RULE,
     RUNTIMES,
     ForwardRequest,
     RuntimeChoice,
@@ -79,8 +80,8 @@ class ExtractionSettings(BaseModel):
     )
     runtime: RuntimeChoice = Field(
         default="auto",
-        description="What runs the backbone: auto (OpenVINO on a CPU where installed; TensorFlow on a GPU or "
-        "without OpenVINO), " + ", ".join(f"{name} ({spec.description})" for name, spec in RUNTIMES.items()) + ".",
+        description=f"What runs the backbone: auto ({AUTO_RULE}), "
+        + ", ".join(f"{name} ({spec.description})" for name, spec in RUNTIMES.items()) + ".",
     )
     precision: Precision | None = Field(
         default=None,
@@ -271,8 +272,9 @@ class ExtractionPlan(BaseModel):
 def plan_extraction(manifest: Manifest, store_path: Path, settings: ExtractionSettings, *,
                     refresh: bool = False) -> ExtractionPlan:
     spec = get_backbone(settings.backbone)
-    weights = resolve_weights(spec, settings.weights)
     settings = settings.model_copy(update={"runtime": settings.resolved_runtime()})
+    get_runtime(settings.runtime).load()  # first: it picks Keras' backend, and resolving weights may build a model
+    weights = resolve_weights(spec, settings.weights)
     settings = settings.model_copy(update={"precision": settings.resolved_precision()})
     calibration = calibration_images(manifest) if settings.precision == "int8" else None
     key = extraction_key(settings, weights, calibration.identity() if calibration else "")

@@ -17,9 +17,11 @@ Either way one forward pass (plus one backward pass for Grad-CAM) per image give
 the map. The image is the one the network saw: decoded and resized as for extraction.
 
 CAM's maps come from the runtime that made the rows where it can give them (OpenVINO: its cached converted
-model with the pooling's input as a second output, at the rows' precision, with no TensorFlow import), so
-the maps are what the stored features were pooled from; otherwise, and for Grad-CAM (gradients), from
-TensorFlow's map model (build_feature_map_model).
+model with the pooling's input as a second output, at the rows' precision, with no TensorFlow import; keras-jax:
+its model with that second output), so the maps are what the stored features were pooled from; otherwise, and
+for Grad-CAM (gradients), from TensorFlow's map model (build_feature_map_model). Grad-CAM needs Keras on
+TensorFlow: a process whose Keras runs on JAX (a keras-jax run) says so in one line, and its report has no
+heatmaps; `explain` in a fresh process, with TensorFlow installed, draws them.
 """
 from __future__ import annotations
 
@@ -47,8 +49,9 @@ from transfer_flow.tasks.backbones import (
 from transfer_flow.tasks.extraction import FeatureExtractor
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decoded_batches
-from transfer_flow.tasks.prediction import bundle_extractor
+from transfer_flow.tasks.prediction import bundle_extractor, bundle_runtime
 from transfer_flow.tasks.runtimes import get_runtime
+from transfer_flow.tasks.runtimes.keras_backend import require_tensorflow_keras, use_keras_backend
 
 HeatmapMethod = Literal["cam", "grad-cam"]
 OVERLAY_ALPHA = 0.5  # at full heat, half the colour map and half the image: the image stays readable
@@ -203,6 +206,25 @@ def runtime_feature_maps(extractor: FeatureExtractor) -> Callable[[np.ndarray], 
     return _RUNTIME_MAPS[key]
 
 
+def heatmap_method(bundle: ModelBundle) -> HeatmapMethod:
+    """CAM for a linear (scikit-learn) head on avg-pooled or flattened features; Grad-CAM for anything else."""
+    meta = bundle.metadata
+    linear = not meta.whole_model and meta.head_format == "skops"
+    return "cam" if linear and meta.extraction.pooling in ("avg", "flatten") else "grad-cam"
+
+
+def explanation_imports(bundle: ModelBundle) -> tuple[str, ...]:
+    """Keras' backend for explaining `bundle` chosen before Keras is first imported (CAM: the runtime's that made
+    the rows; Grad-CAM: TensorFlow), and what building its models imports, to import ahead (flows/cli.py)."""
+    if heatmap_method(bundle) == "cam":
+        runtime = bundle_runtime(bundle)
+        runtime.load()
+        return runtime.imports
+    use_keras_backend("tensorflow", "Grad-CAM heatmaps")
+    require_tensorflow_keras("Grad-CAM heatmaps")
+    return "tensorflow", "keras"
+
+
 @dataclass
 class Explained:
     """One image: what the head said, and where it looked (the map of the class asked for, or the predicted)."""
@@ -221,6 +243,9 @@ class BundleExplainer:
         self.image_size, self.pooling = extractor.image_size, extractor.settings.pooling
         self.names = bundle.metadata.class_names
         self.dtype = np.dtype(bundle.metadata.extraction.feature_dtype)
+        self.method: HeatmapMethod = heatmap_method(bundle)
+        if self.method == "grad-cam":  # its gradients are TensorFlow's (so a keras-jax run's own report has none)
+            require_tensorflow_keras(f"Grad-CAM heatmaps ({bundle.metadata.head} head, {self.pooling} pooling)")
         self.head = load_head(bundle)
         self.runtime_maps = None  # the store's runtime giving maps and features (CAM only), else TensorFlow's maps
         if bundle.metadata.whole_model:
@@ -228,23 +253,19 @@ class BundleExplainer:
 
             # A fine-tuned network: its own (trained) backbone gives the maps, its head on pooled features the scores.
             self.map_model, self.feature_head = self._split_whole_model(keras, extractor.spec.name)
-            self.method: HeatmapMethod = "grad-cam"
             self.head_on_maps = self._head_on_maps(keras)
             return
         self.feature_head = self.head.model if bundle.metadata.head_format == "keras" else None
-        if bundle.metadata.head_format == "skops" and self.pooling in ("avg", "flatten"):
-            self.method = "cam"
+        if self.method == "cam":
             self.weights, self.intercepts = linear_class_weights(self.head, len(self.names))
             # CAM needs no gradients: the runtime that made the rows gives the maps at their precision, when it can
-            # from what it has cached (OpenVINO: its converted model, with no TensorFlow import).
+            # from what it has cached (OpenVINO: its converted model, with no TensorFlow import; keras-jax: its model).
             self.runtime_maps = runtime_feature_maps(extractor)
             if self.runtime_maps is not None:
                 return
-        else:
-            self.method = "grad-cam"
         # Grad-CAM needs gradients, so TensorFlow computes its maps whatever runtime made the rows (and CAM's when
-        # that runtime cannot); int8 is OpenVINO's alone, and its maps come from the float32 model it was
-        # quantised from.
+        # that runtime cannot: then on Keras' backend in this process); int8 is OpenVINO's alone, and its maps come
+        # from the float32 model it was quantised from.
         precision = "float32" if extractor.precision == "int8" else extractor.precision
         self.map_model = feature_map_model(extractor.spec.name, extractor.image_size, precision, extractor.weights)
         if self.method == "grad-cam":
@@ -299,9 +320,7 @@ class BundleExplainer:
         if self.runtime_maps is not None:
             maps, features = self._runtime_pass(batch)
         else:
-            import tensorflow as tf
-
-            maps = np.asarray(self.map_model(tf.convert_to_tensor(batch), training=False))
+            maps = np.asarray(self.map_model(batch, training=False))  # on any Keras backend (Grad-CAM's is TF)
             features = pool_maps(maps, self.pooling)
         if self.bundle.metadata.whole_model:  # the network's own head, on its own pooled maps (nothing stored)
             probabilities = np.asarray(self.feature_head(features, training=False))

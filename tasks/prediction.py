@@ -22,7 +22,7 @@ from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decoded_batches
 from transfer_flow.tasks.listing import IMAGE_EXTENSIONS
 from transfer_flow.tasks.logs import stage_logger
-from transfer_flow.tasks.runtimes import RUNTIMES
+from transfer_flow.tasks.runtimes import RUNTIMES, RuntimeSpec
 
 
 class PredictionRow(BaseModel):
@@ -112,13 +112,20 @@ def _backbone_of(bundle: ModelBundle):
     return spec
 
 
+def bundle_runtime(bundle: ModelBundle) -> RuntimeSpec:
+    """The runtime the bundle's features came from (refused when this version has no such runtime)."""
+    runtime = bundle.metadata.extraction.runtime
+    if runtime not in RUNTIMES:
+        raise BundleError(f"Bundle {bundle.path} was extracted with runtime {runtime!r}, which this version "
+                          f"does not have ({', '.join(RUNTIMES)})")
+    return RUNTIMES[runtime]
+
+
 def bundle_extractor(bundle: ModelBundle, batch_size: int = 32) -> FeatureExtractor:
     """The feature extractor the bundle's training features came from."""
     meta, record = bundle.metadata, bundle.metadata.extraction
     _backbone_of(bundle)  # refuses a backbone whose preprocessing changed
-    if record.runtime not in RUNTIMES:
-        raise BundleError(f"Bundle {bundle.path} was extracted with runtime {record.runtime!r}, which this version "
-                          f"does not have ({', '.join(RUNTIMES)})")
+    bundle_runtime(bundle)
     extractor = recorded_extractor(record, recorded_weights(record.weights, f"Bundle {bundle.path}", BundleError),
                                    batch_size=batch_size, bundle=bundle.path if meta.backbone_files else "")
     if extractor.feature_dim != meta.feature_dim:
@@ -129,6 +136,7 @@ def bundle_extractor(bundle: ModelBundle, batch_size: int = 32) -> FeatureExtrac
 
 def image_classifier(bundle: ModelBundle, batch_size: int = 32) -> Callable[[np.ndarray], np.ndarray]:
     """Decoded uint8 images (n, size, size, 3) at the bundle's image size → class probabilities (n, classes)."""
+    bundle_runtime(bundle).load()  # before the head is loaded: Keras (a head's, a fine-tuned network's) on its backend
     head = load_head(bundle)
     if bundle.metadata.whole_model:  # the fine-tuned network: preprocessed images in
         preprocess = _backbone_of(bundle).preprocess
