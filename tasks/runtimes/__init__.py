@@ -91,7 +91,7 @@ AUTO_RULE = ("keras-jax where JAX is installed and sees a GPU, or TensorFlow is 
 
 def resolve_runtime(requested: str) -> str:
     """`auto`: AUTO_RULE. keras-jax is no default on a CPU beside TensorFlow: XLA's CPU pass measured far slower
-    than OpenVINO's and TensorFlow's (BENCHMARKS.md, runtimes)."""
+    than OpenVINO's and TensorFlow's (BENCHMARKS.md, keras-jax)."""
     if requested != "auto":
         return get_runtime(requested).name
     if RUNTIMES["keras-jax"].installed() and (os.environ.get("KERAS_BACKEND") == "jax"

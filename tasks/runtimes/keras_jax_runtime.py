@@ -28,7 +28,7 @@ def version() -> str:
 
 def default_precision(spec: BackboneSpec) -> Precision:
     """float16 (mixed) on a GPU: Lite0 on JAX, H100, gave fp32's answers at 1.13x its rate (BENCHMARKS.md, GPU
-    check). float32 on a CPU: XLA's CPU bf16 measured slower than its fp32 (BENCHMARKS.md, runtimes)."""
+    check). float32 on a CPU: XLA's CPU bf16 measured no faster than its fp32 (BENCHMARKS.md, keras-jax)."""
     return "float16" if jax_gpu_available() else "float32"
 
 
