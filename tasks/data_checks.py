@@ -220,10 +220,11 @@ def most_similar(unit: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, n
         if not len(pending):
             break
     if len(pending):  # crowded rows (many copies of one image): their nearest few in full, as a full search would
-        distance, neighbours = NearestNeighbors(n_neighbors=min(NEAR_DUPLICATE_NEIGHBOURS + 1, n),
-                                                algorithm="brute").fit(unit).kneighbors(unit[pending])
-        rows.append(np.repeat(pending, neighbours.shape[1])), others.append(neighbours.ravel())
-        similarity.append(1.0 - distance.ravel() ** 2 / 2)  # unit vectors: |a - b|² = 2 - 2 cos
+        neighbours = NearestNeighbors(n_neighbors=min(NEAR_DUPLICATE_NEIGHBOURS + 1, n),
+                                      algorithm="brute").fit(unit).kneighbors(unit[pending], return_distance=False)
+        row, other = np.repeat(pending, neighbours.shape[1]), neighbours.ravel()
+        # Scored as every other pair: rows at the dataset's mean have no direction (0, not 1 - |0 - 0|² / 2).
+        rows.append(row), others.append(other), similarity.append(row_dots(unit, row, other))
     return np.concatenate(rows), np.concatenate(others), np.concatenate(similarity)
 
 
