@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from transfer_flow.storage.report_metrics import Baselines
+from transfer_flow.tasks.data_checks import stratified_sample
 from transfer_flow.tasks.heads.linear import search_folds
 from transfer_flow.tasks.images import decoded_batches
 
@@ -45,11 +46,6 @@ def _raw_pixels(root: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return pixels.astype(np.float32) / 255.0, readable
 
 
-def sample(count: int, most: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices of `most` of `count` items drawn at random (all of them when they fit)."""
-    return np.sort(rng.permutation(count)[:most])
-
-
 def raw_pixel_accuracy(root: Path, train_paths: list[str], train_labels: np.ndarray, test_paths: list[str],
                        test_labels: np.ndarray, c_grid: list[float], seed: int) -> tuple[float | None, int]:
     """(accuracy on the test images scored, how many were scored); (None, 0) when too little could be read."""
@@ -59,9 +55,9 @@ def raw_pixel_accuracy(root: Path, train_paths: list[str], train_labels: np.ndar
     from sklearn.linear_model import LogisticRegressionCV
     from threadpoolctl import threadpool_limits
 
-    rng = np.random.default_rng(seed)
-    keep = sample(len(train_paths), RAW_PIXELS_MAX_TRAIN, rng)
-    scored = sample(len(test_paths), RAW_PIXELS_MAX_TEST, rng)
+    # Each class in proportion, as the data checks sample: every class keeps enough rows for the C search's folds.
+    keep = stratified_sample(train_labels, RAW_PIXELS_MAX_TRAIN, seed)
+    scored = stratified_sample(test_labels, RAW_PIXELS_MAX_TEST, seed)
     train_x, train_ok = _raw_pixels(root, [train_paths[i] for i in keep])
     test_x, test_ok = _raw_pixels(root, [test_paths[i] for i in scored])
     classes, train_y = np.unique(train_labels[keep][train_ok], return_inverse=True)
