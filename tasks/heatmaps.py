@@ -45,6 +45,7 @@ from transfer_flow.tasks.backbones import (
     ResolvedWeights,
     build_feature_map_model,
     get_backbone,
+    pooling_layer_name,
 )
 from transfer_flow.tasks.extraction import FeatureExtractor
 from transfer_flow.tasks.heads import class_probabilities
@@ -279,10 +280,9 @@ class BundleExplainer:
         whole = self.head.model
         try:
             feature_model = whole.get_layer(f"{backbone}_{self.pooling}")
-            pooling = next(layer for layer in feature_model.layers if layer.name == f"{self.pooling}_pool_features"
-                           or (self.pooling == "flatten" and layer.name == "flatten_features"))
+            pooling = feature_model.get_layer(pooling_layer_name(self.pooling))
             head = whole.get_layer("head")
-        except (ValueError, StopIteration):
+        except ValueError:
             raise BundleError(f"Expected the fine-tuned network of {self.bundle.path} to hold its backbone "
                               f"({backbone}_{self.pooling}) and its head: no heatmaps for it") from None
         return keras.Model(feature_model.inputs, pooling.input, name=f"{backbone}_map"), head
