@@ -20,6 +20,7 @@ from transfer_flow.storage.model_bundle import BundleMetadata, ModelBundle, head
 from transfer_flow.tasks.backbones import BACKBONES, get_backbone, recorded_weights
 from transfer_flow.tasks.extraction import recorded_extractor
 from transfer_flow.tasks.heads import HEADS, HeadInputs, HeadName, TrainingImages, heads_help
+from transfer_flow.tasks.heads.sgd import SGD_FEWEST_EPOCHS, SGD_MOST_EPOCHS, SGD_ROW_UPDATES
 from transfer_flow.tasks.logs import stage_logger
 
 CLASSIC_C_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]  # the classic recipe's grid
@@ -45,9 +46,11 @@ class TrainingSettings(BaseModel):
     max_iter: int = Field(default=1000, ge=1)
     seed: int = 42
     sgd_alpha: float = Field(default=3e-4, gt=0, description="sgd: regularisation strength.")
-    # 10 passes score as 20 did (Lite0 digits, 5 seeds: 600 at 32 px 0.834 both; 1,797 at 224 px 0.904 vs 0.898)
-    # at half the cost, which at 20,000 rows had become more than extracting them (BENCHMARKS.md).
-    sgd_epochs: int = Field(default=10, ge=1, description="sgd: passes over the store.")
+    sgd_epochs: int | None = Field(
+        default=None, ge=1,
+        description=f"sgd: passes over the store; empty: enough for ~{SGD_ROW_UPDATES:,} row updates, "
+        f"{SGD_FEWEST_EPOCHS} to {SGD_MOST_EPOCHS} passes (more rows need fewer).",
+    )
     sgd_block_rows: int | None = Field(
         default=None, ge=1, description="sgd: rows read at a time; empty: 8 of the store's row chunks (~8 MiB)."
     )
@@ -110,7 +113,8 @@ class TrainingResult(BaseModel):
     seconds: float
 
 
-TRAINING_CODE_VERSION = 4  # bump when the same store and settings give another head (3: sgd blocks; 4: dense refit)
+# Bump when the same store and settings give another head (3: sgd blocks; 4: dense refit; 5: sgd passes by rows).
+TRAINING_CODE_VERSION = 5
 
 
 def training_key(store: FeatureStore, settings: TrainingSettings) -> str:
