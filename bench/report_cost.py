@@ -82,6 +82,11 @@ def parts(store, bundle) -> None:
         baselines(root, [contents.paths[i] for i in train], contents.labels[train], [contents.paths[i] for i in test],
                   contents.labels[test], bundle.metadata.head_params.get("c_grid") or CLASSIC_C_GRID, 42)
     images = np.flatnonzero(view == 0)
+    most = max(2, data_checks.DATA_CHECK_MAX_BYTES // (4 * store.feature_dim))
+    if len(images) > most:  # the checks' own sample of a large store (check_data)
+        images = images[data_checks.map_rows(contents.labels[images], split[images] == "test", 42, most)]
+        print(f"  (the data checks' sample: {len(images):,} rows)")
+        train = images[split[images] != "test"]
     features = read_features(store, images)
     with Clock("near-duplicates"):
         data_checks.near_duplicates(features, [contents.paths[i] for i in images], list(split[images]))

@@ -55,11 +55,17 @@ NEAR_DUPLICATE_SIMILARITY = 0.95
 NEAR_DUPLICATE_NEIGHBOURS = 5  # each image's nearest few: pairs, not all n² of them, so it scales
 # The search compares every pair on the features' first NEAR_DUPLICATE_PROJECTION principal directions (fitted on a
 # sample), where no pair is farther apart than in full: a pair too far apart there cannot reach the threshold, so only
-# the few pairs close there are scored in full. Same pairs as a full search; at 22,000 rows x 1,280 features 29 s
-# became 6.6 s (bench/report_cost.py on the scale run's store, BENCHMARKS.md).
+# the pairs close there (all of them: a radius query, no ranking) are scored in full. Same pairs as a full search. At
+# 22,000 rows x 1,280: 28.6 s for every pair, 2.9 s this way; 13.6 s at the sample cap's 52,428 rows
+# (bench/report_cost.py --store, BENCHMARKS.md).
 NEAR_DUPLICATE_PROJECTION = 64
 NEAR_DUPLICATE_PCA_SAMPLE = 4000
-NEAR_DUPLICATE_CANDIDATES = (32, 256)  # projected neighbours looked at per row, then again for crowded rows
+# Rows whose candidates are gathered at once: as many as keep a worst case (every row a candidate) to this many
+# indices (128 MiB), between 64 and 1,024 rows (fewer, larger queries are faster: 1.7 s vs 2.1 s at 22,000 rows).
+NEAR_DUPLICATE_QUERY_INDICES = 2**24
+# A row with more candidates than this (thousands of copies of one image) is compared with every row in full instead,
+# keeping its NEAR_DUPLICATE_NEIGHBOURS + 1 most similar: the report lists no more of a row's pairs.
+NEAR_DUPLICATE_CROWDED = 4096
 NEAR_DUPLICATES_LISTED = 100  # the pairs crossing train/test first, then the most similar
 
 # All three read the stored features of view-0 rows; stores with more rows are sampled to this many bytes.
@@ -176,9 +182,12 @@ def comparable(features: np.ndarray) -> np.ndarray:
     large common part: on Lite0 demo digits half the digits had another at a raw cosine of 0.99 or more."""
     from sklearn.preprocessing import normalize
 
-    features = np.asarray(features, np.float64)
-    centred = (features - features.mean(axis=0)) / floored_std(features.std(axis=0))
-    return normalize(centred).astype(np.float32)
+    # float32 rows, float64 sums: 0.08 s instead of 1.8 s at 22,000 x 1,280 for a float64 copy, within 6e-8.
+    features = np.asarray(features, np.float32)
+    centred = features - features.mean(axis=0, dtype=np.float64).astype(np.float32)
+    deviation = np.sqrt(np.einsum("ij,ij->j", centred, centred, dtype=np.float64) / max(len(features), 1))
+    centred /= floored_std(deviation).astype(np.float32)
+    return normalize(centred, copy=False)
 
 
 def row_dots(unit: np.ndarray, rows: np.ndarray, others: np.ndarray, chunk: int = 8192) -> np.ndarray:
@@ -191,8 +200,9 @@ def row_dots(unit: np.ndarray, rows: np.ndarray, others: np.ndarray, chunk: int 
 
 
 def most_similar(unit: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, other row, cosine) for every pair of unit rows that may reach NEAR_DUPLICATE_SIMILARITY, and at least
-    each row's NEAR_DUPLICATE_NEIGHBOURS + 1 most similar rows (itself among them) of those that do."""
+    """(row, other row, cosine) for every pair of unit rows that reaches NEAR_DUPLICATE_SIMILARITY, except that a row
+    with more than NEAR_DUPLICATE_CROWDED candidates gets its NEAR_DUPLICATE_NEIGHBOURS + 1 most similar rows (itself
+    among them) instead."""
     from sklearn.neighbors import NearestNeighbors
     from sklearn.utils.extmath import randomized_svd
 
@@ -204,21 +214,20 @@ def most_similar(unit: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, n
     _, _, directions = randomized_svd(sample - sample.mean(axis=0), min(NEAR_DUPLICATE_PROJECTION, *sample.shape),
                                       random_state=seed)
     projected = unit @ directions.T.astype(np.float32)
-    index = NearestNeighbors(algorithm="brute").fit(projected)
-    rows, others, similarity = [], [], []
-    pending = np.arange(n)
-    for k in NEAR_DUPLICATE_CANDIDATES:
-        k = min(k, n)
-        distance, neighbours = index.kneighbors(projected[pending], n_neighbors=k)
-        close = distance**2 <= bound
-        # A row whose k-th projected neighbour is still close may have more beyond it: it goes on to a larger k.
-        done = ~close[:, -1] | (k == n)
-        close &= done[:, None]
-        row, other = np.broadcast_to(pending[:, None], close.shape)[close], neighbours[close]
-        rows.append(row), others.append(other), similarity.append(row_dots(unit, row, other))
-        pending = pending[~done]
-        if not len(pending):
-            break
+    index = NearestNeighbors(radius=float(np.sqrt(bound)), algorithm="brute").fit(projected)
+    query_rows = int(np.clip(NEAR_DUPLICATE_QUERY_INDICES // n, 64, 1024))
+    rows, others, similarity, crowded = [], [], [], []
+    for start in range(0, n, query_rows):
+        candidates = index.radius_neighbors(projected[start:start + query_rows], return_distance=False)
+        for row, found in enumerate(candidates, start):
+            if len(found) > NEAR_DUPLICATE_CROWDED:
+                crowded.append(row)
+                continue
+            # One row against its candidates: a quarter of the time of gathering both sides of every pair.
+            dots = unit[found] @ unit[row]
+            reach = dots >= NEAR_DUPLICATE_SIMILARITY
+            rows.append(np.full(int(reach.sum()), row)), others.append(found[reach]), similarity.append(dots[reach])
+    pending = np.array(crowded, int)
     if len(pending):  # crowded rows (many copies of one image): their nearest few in full, as a full search would
         neighbours = NearestNeighbors(n_neighbors=min(NEAR_DUPLICATE_NEIGHBOURS + 1, n),
                                       algorithm="brute").fit(unit).kneighbors(unit[pending], return_distance=False)

@@ -199,11 +199,13 @@ def exhaustive_near_duplicates(features: np.ndarray) -> dict[tuple[int, int], fl
     return pairs
 
 
-@pytest.mark.parametrize("candidates", [(32, 256), (2, 6)])
-def test_near_duplicate_search_finds_what_comparing_every_pair_finds(candidates, monkeypatch):
-    """Clusters of near-copies (some larger than any candidate list, so the crowded-row paths run), singletons and
-    exact copies, in 300 dimensions: the projected search lists the same pairs at the same similarities."""
-    monkeypatch.setattr(data_checks, "NEAR_DUPLICATE_CANDIDATES", candidates)
+@pytest.mark.parametrize("crowded", [data_checks.NEAR_DUPLICATE_CROWDED, 5])
+def test_near_duplicate_search_finds_what_comparing_every_pair_finds(crowded, monkeypatch):
+    """Clusters of near-copies (with 5, larger than a row's candidates may be, so the crowded-row path runs),
+    singletons and exact copies, in 300 dimensions, queried 64 rows at a time: the projected search lists the same
+    pairs at the same similarities."""
+    monkeypatch.setattr(data_checks, "NEAR_DUPLICATE_CROWDED", crowded)
+    monkeypatch.setattr(data_checks, "NEAR_DUPLICATE_QUERY_INDICES", 1)
     rng = np.random.default_rng(7)
     centres = rng.normal(size=(40, 300))
     sizes = rng.choice([1, 1, 2, 3, 12], size=len(centres))
