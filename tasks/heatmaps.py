@@ -19,9 +19,9 @@ the map. The image is the one the network saw: decoded and resized as for extrac
 CAM's maps come from the runtime that made the rows where it can give them (OpenVINO: its cached converted
 model with the pooling's input as a second output, at the rows' precision, with no TensorFlow import; keras-jax:
 its model with that second output), so the maps are what the stored features were pooled from; otherwise, and
-for Grad-CAM (gradients), from TensorFlow's map model (build_feature_map_model). Grad-CAM needs Keras on
-TensorFlow: a process whose Keras runs on JAX (a keras-jax run) says so in one line, and its report has no
-heatmaps; `explain` in a fresh process, with TensorFlow installed, draws them.
+for Grad-CAM (gradients), from Keras' map model (build_feature_map_model) on the backend of the runtime that made
+the rows: JAX for keras-jax (gradients by jax.grad, no TensorFlow needed), TensorFlow for the others (its
+GradientTape).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decoded_batches
 from transfer_flow.tasks.prediction import bundle_extractor, bundle_runtime
 from transfer_flow.tasks.runtimes import get_runtime
-from transfer_flow.tasks.runtimes.keras_backend import require_tensorflow_keras, use_keras_backend
+from transfer_flow.tasks.runtimes.keras_backend import keras_backend, require_tensorflow_keras
 
 HeatmapMethod = Literal["cam", "grad-cam"]
 OVERLAY_ALPHA = 0.5  # at full heat, half the colour map and half the image: the image stays readable
@@ -110,43 +110,59 @@ def class_activation_maps(maps: np.ndarray, class_weights: np.ndarray, pooling: 
 def _class_scores(model, map_output=None):
     """`model` giving (its map, if asked, and) what becomes the class scores, and the function that makes them: the
     pre-softmax scores when the model ends in a softmax Dense layer, else the log of its output (the gradients of
-    a saturated probability vanish)."""
+    a saturated probability vanish). Keras ops: the same on TensorFlow and JAX."""
     import keras
-    import tensorflow as tf
+    from keras import ops
 
     last = model.layers[-1]
     if isinstance(last, keras.layers.Dense) and getattr(last.activation, "__name__", "") == "softmax":
         hidden, kernel, bias = last.input, last.kernel, last.bias
 
         def scores(values):
-            return tf.matmul(values, tf.cast(kernel, values.dtype)) + tf.cast(bias, values.dtype)
+            return ops.matmul(values, ops.cast(kernel, values.dtype)) + ops.cast(bias, values.dtype)
     else:
         hidden = model.output
 
         def scores(values):
-            return tf.math.log(tf.maximum(tf.cast(values, tf.float32), 1e-12))
+            return ops.log(ops.maximum(ops.cast(values, "float32"), 1e-12))
     outputs = hidden if map_output is None else [map_output, hidden]
     return keras.Model(model.inputs, outputs), scores
 
 
-def _weighted_maps(maps, target, tape) -> np.ndarray:
-    """Grad-CAM proper: channels weighted by the target's gradient averaged over positions, summed, ReLU."""
-    import tensorflow as tf
-
-    gradients = tf.cast(tape.gradient(target, maps), tf.float32)
-    channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    return np.maximum(np.asarray(tf.reduce_sum(channel_weights * tf.cast(maps, tf.float32), axis=-1)), 0.0)
-
-
 def _target(scores, classes: Sequence[int]):
+    """Row i's score of classes[i]."""
+    from keras import ops
+
+    chosen = np.asarray(classes, dtype="int32")[:, None]
+    return ops.take_along_axis(ops.cast(scores, "float32"), chosen, axis=1)[:, 0]
+
+
+def _weighted_maps(maps: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM proper: channels weighted by the target's gradient averaged over positions, summed, ReLU."""
+    channel_weights = np.asarray(gradients, np.float32).mean(axis=(1, 2), keepdims=True)
+    return np.maximum((channel_weights * np.asarray(maps, np.float32)).sum(axis=-1), 0.0)
+
+
+def _gradients(targets: Callable, maps: np.ndarray) -> np.ndarray:
+    """The gradient of sum(targets(maps)) with respect to `maps`, on Keras' backend (TensorFlow or JAX). Each row's
+    target depends on its own map alone, so row i is the gradient of target i."""
+    if keras_backend() == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        return np.asarray(jax.grad(lambda values: jnp.sum(targets(values)))(jnp.asarray(maps, jnp.float32)))
     import tensorflow as tf
 
-    return tf.gather(tf.cast(scores, tf.float32), tf.constant(list(classes), tf.int32), batch_dims=1)
+    values = tf.convert_to_tensor(maps, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(values)
+        target = targets(values)
+    return np.asarray(tape.gradient(target, values))
 
 
 def grad_cam(model, images: np.ndarray, classes: Sequence[int], map_layer: str = FEATURE_MAP_LAYER) -> np.ndarray:
-    """Grad-CAM of `classes[i]` on `images[i]` for any Keras model (backbone and classifier in one, as a
-    fine-tuned model is) whose layer `map_layer` outputs a (height, width, channels) feature map: (n, height,
+    """Grad-CAM of `classes[i]` on `images[i]` for any Keras model on TensorFlow (backbone and classifier in one,
+    as a fine-tuned model is) whose layer `map_layer` outputs a (height, width, channels) feature map: (n, height,
     width), non-negative. `images` are already preprocessed for the model."""
     import tensorflow as tf
 
@@ -154,20 +170,15 @@ def grad_cam(model, images: np.ndarray, classes: Sequence[int], map_layer: str =
     with tf.GradientTape() as tape:
         maps, hidden = with_map(tf.convert_to_tensor(images), training=False)
         target = _target(to_scores(hidden), classes)
-    return _weighted_maps(maps, target, tape)
+    return _weighted_maps(maps, tape.gradient(target, maps))
 
 
 def grad_cam_on_maps(head_on_maps, maps: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Grad-CAM from feature maps already computed, through a model taking them (pooling and head): the
-    backbone's forward pass stays outside the gradient tape, done once for the prediction and the map."""
-    import tensorflow as tf
-
+    """Grad-CAM from feature maps already computed, through a model taking them (pooling and head), on TensorFlow
+    or JAX: the backbone's forward pass stays outside the gradient, done once for the prediction and the map."""
     model, to_scores = _class_scores(head_on_maps)
-    maps = tf.convert_to_tensor(maps, tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch(maps)
-        target = _target(to_scores(model(maps, training=False)), classes)
-    return _weighted_maps(maps, target, tape)
+    gradients = _gradients(lambda values: _target(to_scores(model(values, training=False)), classes), maps)
+    return _weighted_maps(maps, gradients)
 
 
 _BUILT_MAP_MODEL: dict[tuple, object] = {}  # one backbone kept built (the last asked for)
@@ -215,15 +226,14 @@ def heatmap_method(bundle: ModelBundle) -> HeatmapMethod:
 
 
 def explanation_imports(bundle: ModelBundle) -> tuple[str, ...]:
-    """Keras' backend for explaining `bundle` chosen before Keras is first imported (CAM: the runtime's that made
-    the rows; Grad-CAM: TensorFlow), and what building its models imports, to import ahead (flows/cli.py)."""
-    if heatmap_method(bundle) == "cam":
-        runtime = bundle_runtime(bundle)
-        runtime.load()
-        return runtime.imports
-    use_keras_backend("tensorflow", "Grad-CAM heatmaps")
-    require_tensorflow_keras("Grad-CAM heatmaps")
-    return "tensorflow", "keras"
+    """Keras' backend for explaining `bundle` chosen before Keras is first imported (the runtime's that made the
+    rows: its maps, and Grad-CAM's gradients on that backend), and what building its models imports, to import
+    ahead (flows/cli.py)."""
+    runtime = bundle_runtime(bundle)
+    runtime.load()
+    if heatmap_method(bundle) == "grad-cam" and runtime.keras_backend == "tensorflow":
+        require_tensorflow_keras("Grad-CAM heatmaps")  # OpenVINO's rows: the maps come from TensorFlow's model
+    return runtime.imports
 
 
 @dataclass
@@ -245,7 +255,7 @@ class BundleExplainer:
         self.names = bundle.metadata.class_names
         self.dtype = np.dtype(bundle.metadata.extraction.feature_dtype)
         self.method: HeatmapMethod = heatmap_method(bundle)
-        if self.method == "grad-cam":  # its gradients are TensorFlow's (so a keras-jax run's own report has none)
+        if self.method == "grad-cam" and keras_backend() != "jax":  # gradients from JAX or TensorFlow
             require_tensorflow_keras(f"Grad-CAM heatmaps ({bundle.metadata.head} head, {self.pooling} pooling)")
         self.head = load_head(bundle)
         self.runtime_maps = None  # the store's runtime giving maps and features (CAM only), else TensorFlow's maps
@@ -264,9 +274,9 @@ class BundleExplainer:
             self.runtime_maps = runtime_feature_maps(extractor)
             if self.runtime_maps is not None:
                 return
-        # Grad-CAM needs gradients, so TensorFlow computes its maps whatever runtime made the rows (and CAM's when
-        # that runtime cannot: then on Keras' backend in this process); int8 is OpenVINO's alone, and its maps come
-        # from the float32 model it was quantised from.
+        # Grad-CAM needs gradients, so Keras computes its maps, on this process's backend: JAX for keras-jax's rows,
+        # else TensorFlow (also CAM's when the runtime cannot give them); int8 is OpenVINO's alone, and its maps
+        # come from the float32 model it was quantised from.
         precision = "float32" if extractor.precision == "int8" else extractor.precision
         self.map_model = feature_map_model(extractor.spec.name, extractor.image_size, precision, extractor.weights)
         if self.method == "grad-cam":

@@ -16,6 +16,23 @@ from xml.etree import ElementTree
 import numpy as np
 from PIL import Image
 
+# Code that makes TensorFlow absent from a process, as on a machine without it: not found (importlib.util.find_spec
+# gives None), `import tensorflow` fails, and no "tensorflow" key lands in sys.modules (Keras reads one there as
+# TensorFlow loaded, and then needs it). Run first in a process, or as its sitecustomize.py.
+WITHOUT_TENSORFLOW = """
+import sys
+from importlib.machinery import PathFinder
+
+
+class PathFinderWithoutTensorFlow(PathFinder):
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        return None if fullname.partition(".")[0] == "tensorflow" else super().find_spec(fullname, path, target)
+
+
+sys.meta_path[:] = [PathFinderWithoutTensorFlow if finder is PathFinder else finder for finder in sys.meta_path]
+"""
+
 # The cheapest real pipeline: a random-weight MobileNetV2 on 32-pixel images (no download, seconds per run).
 FAST = {"backbone": "mobilenet_v2", "weights": "none", "image_size": 32, "batch_size": 8}
 

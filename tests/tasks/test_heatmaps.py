@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support import WITHOUT_TENSORFLOW
 from transfer_flow.storage.extraction_record import ExtractionRecord
 from transfer_flow.storage.feature_store import read_contents, read_features
 from transfer_flow.storage.model_bundle import BundleMetadata, load_head, save_bundle
@@ -303,16 +304,6 @@ def test_cam_from_the_openvino_model_is_the_tensorflow_models_cam(openvino_runs,
                                rtol=1e-3, atol=1e-4 * np.abs(heat).max())
 
 
-NO_TENSORFLOW = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class NoTensorFlow(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "tensorflow":
-                raise ImportError("tensorflow is not importable in this test")
-
-    sys.meta_path.insert(0, NoTensorFlow())
-""")
 
 
 @pytest.mark.slow  # a subprocess
@@ -320,7 +311,7 @@ def test_a_report_on_an_openvino_store_draws_its_heatmaps_without_tensorflow(ope
     """The report stage (evaluation, heatmaps, report files) with TensorFlow unimportable: CAM heatmaps, one per
     gallery image, the same as in this process."""
     store, bundle = openvino_runs["bfloat16" if "bfloat16" in openvino_runs else "float32"]
-    program = NO_TENSORFLOW + textwrap.dedent("""
+    program = WITHOUT_TENSORFLOW + textwrap.dedent("""
         import pickle
         from pathlib import Path
         from transfer_flow.storage.feature_store import open_store

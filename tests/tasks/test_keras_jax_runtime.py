@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from tests.support import WITHOUT_TENSORFLOW
 from transfer_flow.storage.errors import SettingsError
 from transfer_flow.storage.feature_store import open_store, read_contents, read_features
 from transfer_flow.storage.manifest import Manifest
@@ -21,14 +22,13 @@ from transfer_flow.tasks.runtimes import keras_backend as keras_backend_module
 
 # Real ImageNet weights (the offline Lite0 package) at a tiny size: the same weights on both backends.
 RUN = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "32", "--batch-size", "8"]
-NO_TENSORFLOW = 'import sys\nsys.modules["tensorflow"] = None  # as on a machine without TensorFlow: imports fail\n'
 
 
 @pytest.fixture(scope="module")
 def without_tensorflow(tmp_path_factory) -> dict[str, str]:
     """The environment of a process that cannot import TensorFlow (a sitecustomize shim), Keras' backend unset."""
     shim = tmp_path_factory.mktemp("no-tensorflow")
-    (shim / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    (shim / "sitecustomize.py").write_text(WITHOUT_TENSORFLOW)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "KERAS_BACKEND", "TF_CPP"))}
     env["PYTHONPATH"] = os.pathsep.join([str(shim), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
@@ -52,7 +52,12 @@ def jax_run(prefect_api, colour_dataset, without_tensorflow, tmp_path_factory) -
 def test_the_shim_makes_tensorflow_unimportable(without_tensorflow):
     done = subprocess.run([sys.executable, "-c", "import tensorflow"], env=without_tensorflow, capture_output=True,
                           text=True, timeout=60)
-    assert done.returncode != 0 and "ModuleNotFoundError: import of tensorflow halted" in done.stderr
+    assert done.returncode != 0 and "ModuleNotFoundError: No module named 'tensorflow'" in done.stderr
+    done = subprocess.run([sys.executable, "-c", "import importlib.util, sys; import keras; "
+                           "print(importlib.util.find_spec('tensorflow'), 'tensorflow' in sys.modules)"],
+                          env={**without_tensorflow, "KERAS_BACKEND": "jax"}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["None", "False"], done.stderr[-2000:]
 
 
 def test_the_cli_runs_end_to_end_on_keras_jax_without_tensorflow(jax_run, colour_dataset):
@@ -67,6 +72,55 @@ def test_the_cli_runs_end_to_end_on_keras_jax_without_tensorflow(jax_run, colour
     assert metrics["heatmap_method"] == "cam" and metrics["runtime"] == "keras-jax"
     drawn = [item["heatmap"] for item in metrics["misclassified"] + metrics["correct_examples"] if item["heatmap"]]
     assert drawn and all((jax_run / "report" / name).read_bytes()[:4] == b"\x89PNG" for name in drawn)
+
+
+def test_a_dense_head_on_keras_jax_gets_grad_cam_heatmaps_without_tensorflow(
+        prefect_api, colour_dataset, without_tensorflow, tmp_path):
+    from prefect.server.api.server import SubprocessASGIServer
+
+    env = {**without_tensorflow, "PREFECT_HOME": str(tmp_path / "home"),
+           "PREFECT_API_URL": SubprocessASGIServer().api_url}  # the harness's
+    output = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "transfer_flow.flows.cli", "run", str(colour_dataset), "--output",
+                           str(output), "--runtime", "keras-jax", "--head", "dense", "--epochs", "20", *RUN], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no heatmaps" not in done.stderr
+    metrics = json.loads((output / "report" / "metrics.json").read_text())
+    assert metrics["heatmap_method"] == "grad-cam" and metrics["runtime"] == "keras-jax"
+    drawn = [item["heatmap"] for item in metrics["misclassified"] + metrics["correct_examples"] if item["heatmap"]]
+    assert len(drawn) == len(metrics["misclassified"] + metrics["correct_examples"]) > 0
+    assert all((output / "report" / name).read_bytes()[:4] == b"\x89PNG" for name in drawn)
+
+
+GRAD_CAM_ON_A_HEAD = """
+import sys
+import numpy as np
+import keras
+from transfer_flow.tasks.heatmaps import grad_cam_on_maps
+
+rng = np.random.default_rng(0)
+maps_in = keras.Input((3, 3, 8))
+hidden = keras.layers.Dense(16, activation="relu")(keras.layers.GlobalAveragePooling2D()(maps_in))
+model = keras.Model(maps_in, keras.layers.Dense(4, activation="softmax")(hidden))
+model.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()])
+maps = np.abs(rng.normal(size=(5, 3, 3, 8))).astype(np.float32)
+np.save(sys.argv[1], grad_cam_on_maps(model, maps, [0, 1, 2, 3, 0]))
+print(keras.config.backend())
+"""
+
+
+def test_grad_cam_on_jax_gives_tensorflows_maps(without_tensorflow, tmp_path):
+    """The same head and maps: jax.grad's Grad-CAM (no TensorFlow importable) against TensorFlow's GradientTape."""
+    maps = {}
+    for backend, env in (("jax", {**without_tensorflow, "KERAS_BACKEND": "jax"}),
+                         ("tensorflow", {**without_tensorflow, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})):
+        done = subprocess.run([sys.executable, "-c", GRAD_CAM_ON_A_HEAD, str(tmp_path / f"{backend}.npy")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.split()[-1] == backend, done.stderr[-3000:]
+        maps[backend] = np.load(tmp_path / f"{backend}.npy")
+    assert maps["tensorflow"].shape == (5, 3, 3) and (maps["tensorflow"] > 0).any()
+    np.testing.assert_allclose(maps["jax"], maps["tensorflow"], rtol=1e-5, atol=1e-5 * maps["tensorflow"].max())
 
 
 def test_keras_jax_float32_gives_tensorflows_rows(jax_run, tmp_path):
