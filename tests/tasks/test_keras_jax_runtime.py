@@ -2,6 +2,7 @@
 against TensorFlow's fp32 rows, the `auto` rule, and one line where Keras already runs on the other backend."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,53 +75,61 @@ def test_the_cli_runs_end_to_end_on_keras_jax_without_tensorflow(jax_run, colour
     assert drawn and all((jax_run / "report" / name).read_bytes()[:4] == b"\x89PNG" for name in drawn)
 
 
-def test_a_dense_head_on_keras_jax_gets_grad_cam_heatmaps_without_tensorflow(
-        prefect_api, colour_dataset, without_tensorflow, tmp_path):
+def test_a_dense_head_on_keras_jax_gets_grad_cam_heatmaps_without_tensorflow(jax_run, without_tensorflow, tmp_path):
+    """The keras-jax run again with --head dense, on a copy of its output (the rows are reused, not extracted)."""
     from prefect.server.api.server import SubprocessASGIServer
 
     env = {**without_tensorflow, "PREFECT_HOME": str(tmp_path / "home"),
            "PREFECT_API_URL": SubprocessASGIServer().api_url}  # the harness's
-    output = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "transfer_flow.flows.cli", "run", str(colour_dataset), "--output",
-                           str(output), "--runtime", "keras-jax", "--head", "dense", "--epochs", "20", *RUN], env=env,
+    output = shutil.copytree(jax_run, tmp_path / "out")
+    dataset = json.loads((jax_run / "run.json").read_text())["dataset"]
+    done = subprocess.run([sys.executable, "-m", "transfer_flow.flows.cli", "run", dataset, "--output", str(output),
+                           "--runtime", "keras-jax", "--head", "dense", "--epochs", "20", *RUN], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no heatmaps" not in done.stderr
+    assert json.loads((output / "run.json").read_text())["images_reused"] == 24
     metrics = json.loads((output / "report" / "metrics.json").read_text())
-    assert metrics["heatmap_method"] == "grad-cam" and metrics["runtime"] == "keras-jax"
+    assert metrics["head"] == "dense" and metrics["heatmap_method"] == "grad-cam" and metrics["runtime"] == "keras-jax"
     drawn = [item["heatmap"] for item in metrics["misclassified"] + metrics["correct_examples"] if item["heatmap"]]
     assert len(drawn) == len(metrics["misclassified"] + metrics["correct_examples"]) > 0
     assert all((output / "report" / name).read_bytes()[:4] == b"\x89PNG" for name in drawn)
 
 
 GRAD_CAM_ON_A_HEAD = """
-import sys
 import numpy as np
 import keras
 from transfer_flow.tasks.heatmaps import grad_cam_on_maps
 
-rng = np.random.default_rng(0)
-maps_in = keras.Input((3, 3, 8))
-hidden = keras.layers.Dense(16, activation="relu")(keras.layers.GlobalAveragePooling2D()(maps_in))
-model = keras.Model(maps_in, keras.layers.Dense(4, activation="softmax")(hidden))
-model.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()])
-maps = np.abs(rng.normal(size=(5, 3, 3, 8))).astype(np.float32)
-np.save(sys.argv[1], grad_cam_on_maps(model, maps, [0, 1, 2, 3, 0]))
-print(keras.config.backend())
+
+def grad_cam_on_a_test_head():
+    rng = np.random.default_rng(0)
+    maps_in = keras.Input((3, 3, 8))
+    hidden = keras.layers.Dense(16, activation="relu")(keras.layers.GlobalAveragePooling2D()(maps_in))
+    model = keras.Model(maps_in, keras.layers.Dense(4, activation="softmax")(hidden))
+    model.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()])
+    maps = np.abs(rng.normal(size=(5, 3, 3, 8))).astype(np.float32)
+    return grad_cam_on_maps(model, maps, [0, 1, 2, 3, 0])
 """
 
 
 def test_grad_cam_on_jax_gives_tensorflows_maps(without_tensorflow, tmp_path):
-    """The same head and maps: jax.grad's Grad-CAM (no TensorFlow importable) against TensorFlow's GradientTape."""
-    maps = {}
-    for backend, env in (("jax", {**without_tensorflow, "KERAS_BACKEND": "jax"}),
-                         ("tensorflow", {**without_tensorflow, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})):
-        done = subprocess.run([sys.executable, "-c", GRAD_CAM_ON_A_HEAD, str(tmp_path / f"{backend}.npy")], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0 and done.stdout.split()[-1] == backend, done.stderr[-3000:]
-        maps[backend] = np.load(tmp_path / f"{backend}.npy")
-    assert maps["tensorflow"].shape == (5, 3, 3) and (maps["tensorflow"] > 0).any()
-    np.testing.assert_allclose(maps["jax"], maps["tensorflow"], rtol=1e-5, atol=1e-5 * maps["tensorflow"].max())
+    """The same head and maps: jax.grad's Grad-CAM (no TensorFlow importable) against TensorFlow's GradientTape (this
+    process's Keras)."""
+    import keras
+
+    program = GRAD_CAM_ON_A_HEAD + "import sys\nnp.save(sys.argv[1], grad_cam_on_a_test_head())\n" \
+        "print(keras.config.backend())\n"
+    done = subprocess.run([sys.executable, "-c", program, str(tmp_path / "jax.npy")],
+                          env={**without_tensorflow, "KERAS_BACKEND": "jax"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "jax", done.stderr[-3000:]
+    here: dict = {}
+    exec(GRAD_CAM_ON_A_HEAD, here)
+    assert keras.config.backend() == "tensorflow"
+    on_tensorflow, on_jax = here["grad_cam_on_a_test_head"](), np.load(tmp_path / "jax.npy")
+    assert on_tensorflow.shape == (5, 3, 3) and (on_tensorflow > 0).any()
+    np.testing.assert_allclose(on_jax, on_tensorflow, rtol=1e-5, atol=1e-5 * on_tensorflow.max())
 
 
 def test_keras_jax_float32_gives_tensorflows_rows(jax_run, tmp_path):
