@@ -6,7 +6,7 @@ import pytest
 
 from tests.support import STORE_ATTRS, make_separable_store
 from transfer_flow.storage.errors import BundleError
-from transfer_flow.storage.feature_store import create_store, open_store, read_contents
+from transfer_flow.storage.feature_store import create_store, open_store, read_contents, read_features
 from transfer_flow.storage.model_bundle import KERAS_HEAD_FILE, load_bundle, load_head
 from transfer_flow.tasks.evaluation import evaluate_bundle
 from transfer_flow.tasks.heads import HEADS, HeadName, class_probabilities
@@ -81,26 +81,11 @@ def test_dense_head_records_curves_and_a_swapped_keras_file_is_refused(tmp_path)
     assert load_head(other.bundle).predict(np.zeros((1, 8), np.float32)).shape == (1,)
 
 
-def test_sgd_reads_the_store_in_blocks(tmp_path, monkeypatch):
+@pytest.fixture
+def store_reads(monkeypatch) -> list[int]:
+    """The number of rows of each read of the store that training makes, in order."""
     import transfer_flow.tasks.training as training_module
 
-    store = make_store(tmp_path / "f.h5")
-    sizes = []
-    real = training_module.read_features
-
-    def spy(store, rows):
-        sizes.append(len(rows))
-        return real(store, rows)
-
-    monkeypatch.setattr(training_module, "read_features", spy)
-    train_head(store, tmp_path / "model", TrainingSettings(head="sgd", sgd_epochs=2, sgd_block_rows=10))
-    assert sizes and max(sizes) <= 10  # never the 45 train rows at once
-
-
-def test_sgd_makes_fewer_passes_over_many_rows_and_stays_accurate(tmp_path, monkeypatch):
-    import transfer_flow.tasks.training as training_module
-
-    store = make_store(tmp_path / "f.h5", n_per_class=45_000)  # 101,250 train rows: 2 passes make ~200k updates
     reads = []
     real = training_module.read_features
 
@@ -109,14 +94,25 @@ def test_sgd_makes_fewer_passes_over_many_rows_and_stays_accurate(tmp_path, monk
         return real(store, rows)
 
     monkeypatch.setattr(training_module, "read_features", spy)
+    return reads
+
+
+def test_sgd_reads_the_store_in_blocks(tmp_path, store_reads):
+    store = make_store(tmp_path / "f.h5")
+    train_head(store, tmp_path / "model", TrainingSettings(head="sgd", sgd_epochs=2, sgd_block_rows=10))
+    assert store_reads and max(store_reads) <= 10  # never the 45 train rows at once
+
+
+def test_sgd_makes_fewer_passes_over_many_rows_and_stays_accurate(tmp_path, store_reads):
+    store = make_store(tmp_path / "f.h5", n_per_class=45_000)  # 101,250 train rows: 2 passes make ~200k updates
     block = 50_000
     training = train_head(store, tmp_path / "model", TrainingSettings(head="sgd", sgd_block_rows=block))
     blocks = -(-101_250 // block)
-    assert len(reads) == blocks * (1 + 2 + 1)  # the scaler's pass, 2 passes of SGD, the train accuracy
+    assert len(store_reads) == blocks * (1 + 2 + 1)  # the scaler's pass, 2 passes of SGD, the train accuracy
     assert training.best_params["epochs"] == 2 and training.bundle.metadata.head_params["epochs"] == 2
     contents = read_contents(store)
     test = np.flatnonzero(np.asarray(contents.split) == "test")
-    assert (load_head(training.bundle).predict(real(store, test)) == contents.labels[test]).mean() >= 0.99
+    assert (load_head(training.bundle).predict(read_features(store, test)) == contents.labels[test]).mean() >= 0.99
 
     few = train_head(make_store(tmp_path / "g.h5"), tmp_path / "few", TrainingSettings(head="sgd"))
     assert few.best_params["epochs"] == 10  # 45 rows: the most passes
