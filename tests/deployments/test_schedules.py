@@ -6,7 +6,8 @@ ephemeral servers (triggers, telemetry), not the scheduler. Registering a cron i
 firing: under SQLAlchemy 2.1 the deployments registered and the scheduler failed every minute, silently.
 
 One server and one `serve` for the module (a Prefect server and three served flows cost ~30 s of start-up on
-two cores); the cron is `* * * * *`, so the first scheduled run starts at the next minute.
+two cores); the cron is `* * * * *`, so the first scheduled run starts at the next minute. The inbox's dataset lands
+as `serve` starts, so its poll and its run go on while the cron waits for that minute.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ FAST_OPTIONS = ["--backbone", FAST["backbone"], "--weights", FAST["weights"], "-
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| ")
 ERROR_LINE = re.compile(r"\|\s*(ERROR|CRITICAL)\s*\|")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+INBOX_CLASSES = {"ochre": (200, 150, 40), "teal": (20, 140, 140)}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(server, colour_dataset):
     """`transfer-flow serve` with a cron due every minute, a head and a store that are not the defaults, and an
-    inbox polled every 15 s; its output in a file."""
+    inbox polled every 15 s, where a dataset arrives once `serve` is running; its output in a file."""
     api, _, root = server
     inbox = root / "inbox"
     inbox.mkdir()
@@ -71,6 +73,9 @@ def served(server, colour_dataset):
         process = subprocess.Popen(command, cwd=REPO, env=client_env(root, api), stdout=log,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
+        for k, (name, colour) in enumerate(INBOX_CLASSES.items()):
+            write_colour_images(inbox / "paints" / name, colour, 6, seed=20 + k)
+        (inbox / "paints" / MARKER).touch()
         yield api, inbox, root / "home", log_path, process
     finally:
         stop_with_ctrl_c(process)
@@ -130,37 +135,38 @@ def wait_for_final_run(served, deployment: str, accept=lambda run: True):
     raise AssertionError(f"no finished run of {deployment} in {RUN_WAIT_SECONDS} s:\n{serve_log.read_text()[-4000:]}")
 
 
-def test_the_cron_fires_and_the_scheduled_retrain_completes(served):
+@pytest.fixture(scope="module")
+def first_scheduled_retrain(served):
+    """The first retrain the cron started, once finished; then the schedule is paused. A retrain every minute, each
+    longer than a minute on loaded cores, would keep both --limit slots busy for the rest of the module."""
     run = wait_for_final_run(served, "train-and-promote/retrain")
-    assert run.auto_scheduled  # created by the server's scheduler, not by us
-    assert run.state_type.value == "COMPLETED", served[3].read_text()[-4000:]
+    pause(served[0], "train-and-promote/retrain")
+    return run
+
+
+def test_the_cron_fires_and_the_scheduled_retrain_completes(served, first_scheduled_retrain):
+    assert first_scheduled_retrain.auto_scheduled  # created by the server's scheduler, not by us
+    assert first_scheduled_retrain.state_type.value == "COMPLETED", served[3].read_text()[-4000:]
     summary = json.loads((served[2] / "runs" / "retrain" / "run.json").read_text())
     assert summary["accuracy"] > 0
 
 
-def test_the_scheduled_retrain_uses_the_head_and_store_serve_was_given(served):
+def test_the_scheduled_retrain_uses_the_head_and_store_serve_was_given(served, first_scheduled_retrain):
     from transfer_flow.storage.model_bundle import read_bundle_metadata
 
-    wait_for_final_run(served, "train-and-promote/retrain")
     summary = json.loads((served[2] / "runs" / "retrain" / "run.json").read_text())
     assert read_bundle_metadata(Path(summary["model"])).head == "linear-svm"
     assert summary["store"].endswith("features.zarr") and Path(summary["store"]).is_dir()
 
 
 def test_a_dataset_arriving_in_the_polled_inbox_is_trained_on(served):
-    api, inbox, home, _, _ = served
-    # A retrain every minute, each longer than a minute on loaded cores, would keep both --limit slots busy
-    # (and the late ones, queued earlier than the dataset's run, would go first).
-    pause(api, "train-and-promote/retrain")
-    for k, (name, colour) in enumerate({"ochre": (200, 150, 40), "teal": (20, 140, 140)}.items()):
-        write_colour_images(inbox / "paints" / name, colour, 6, seed=20 + k)
-    (inbox / "paints" / MARKER).touch()
+    _, inbox, home, _, _ = served
     poll = wait_for_final_run(served, "scan-inbox/poll-inbox")
     assert poll.state_type.value == "COMPLETED"
     run = wait_for_final_run(served, "train-and-promote/on-dataset",
                              accept=lambda r: r.parameters["settings"]["dataset"] == str(inbox / "paints"))
     assert run.state_type.value == "COMPLETED", served[3].read_text()[-4000:]
-    assert json.loads((home / "runs" / "paints" / "run.json").read_text())["classes"] == ["ochre", "teal"]
+    assert json.loads((home / "runs" / "paints" / "run.json").read_text())["classes"] == sorted(INBOX_CLASSES)
 
 
 def logged_errors(text: str) -> tuple[list[str], list[str]]:
