@@ -304,11 +304,19 @@ def read_skipped(store: FeatureStore) -> SkippedImages:
 
 
 def read_features(store: FeatureStore, rows: np.ndarray) -> np.ndarray:
-    """Features of the given row indices (any order, repeats allowed), as float32."""
+    """Features of the given row indices (any order, repeats allowed), as float32. A row holding NaN or inf is
+    refused (StoreError, naming its images): extraction never stores one, so the store was damaged or altered."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     if len(rows) == 0:
         return np.empty((0, store.feature_dim), dtype=np.float32)
     unique, inverse = np.unique(rows, return_inverse=True)
     with reading(store.path) as reader:
         values = np.asarray(reader.rows(unique), dtype=np.float32)
+        if not np.isfinite(values).all():
+            bad = unique[~np.isfinite(values).all(axis=1)]
+            paths = reader.strings("paths") if reader.has("paths") else []
+            named = ", ".join(paths[i] if i < len(paths) and paths[i] else f"row {i}" for i in bad[:3].tolist())
+            raise StoreError(f"{store.path} holds NaN or inf features in {len(bad)} of the rows read ({named}"
+                             f"{', ...' if len(bad) > 3 else ''}): the store was damaged or altered: extract its rows "
+                             "anew (--refresh extract)")
     return values if len(unique) == len(rows) and (unique == rows).all() else values[inverse]

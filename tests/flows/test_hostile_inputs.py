@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.storage.test_torch_legacy import HOSTILE_GEOMETRIES
-from tests.support import write_torch_checkpoint
+from tests.support import FAST, write_torch_checkpoint
 from transfer_flow.flows.cli import EXIT_USER_ERROR, main
 
 CHECKPOINTS = {
@@ -46,3 +46,26 @@ def test_hostile_offline_checkpoint_is_exit_2(prefect_api, colour_dataset, insta
     errors = [line for line in err.splitlines() if line.startswith("transfer-flow: error:")]
     assert len(errors) == 1 and "Traceback" not in err
     assert ("truncated or not a checkpoint" if damage == "truncated zip" else "_conv_stem.weight") in errors[0]
+
+
+def test_a_store_whose_row_was_altered_to_nan_is_named_and_extracted_anew(prefect_api, colour_dataset, tmp_path,
+                                                                         capsys):
+    import h5py
+
+    output = tmp_path / "out"
+    command = ["run", str(colour_dataset), "--output", str(output), "--backbone", FAST["backbone"], "--weights",
+               FAST["weights"], "--image-size", str(FAST["image_size"]), "--batch-size", str(FAST["batch_size"])]
+    assert main(command) == 0
+    with h5py.File(output / "features.h5", "r+") as file:
+        altered = file["paths"].asstr()[3]
+        file["features"][3, 0] = np.nan
+    capsys.readouterr()
+    assert main([*command, "--refresh", "train"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("transfer-flow: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "NaN or inf" in errors[0] and altered in errors[0] and "--refresh extract" in errors[0]
+    # What the error says to do works: the rows are extracted again, finite, and the run completes.
+    assert main([*command, "--refresh", "extract"]) == 0
+    with h5py.File(output / "features.h5", "r") as file:
+        assert np.isfinite(file["features"][:]).all()
