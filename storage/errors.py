@@ -30,6 +30,10 @@ class WeightsUnavailableError(TransferFlowError, FileNotFoundError):
     """Pretrained weights are neither given, cached, installed nor downloadable."""
 
 
+class WeightsFileError(TransferFlowError, ValueError):
+    """A weights file does not fit the backbone it was given for, or holds NaN or inf."""
+
+
 class StoreError(TransferFlowError, ValueError):
     """A feature store is missing, malformed, or incompatible with what reads it."""
 

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from transfer_flow.storage.errors import SettingsError, WeightsUnavailableError
+from transfer_flow.storage.errors import SettingsError, TransferFlowError, WeightsFileError, WeightsUnavailableError
 from transfer_flow.storage.extraction_record import WeightsRecord
 from transfer_flow.tasks import efficientnet_lite
 
@@ -411,4 +411,18 @@ def _build_base(spec: BackboneSpec, input_shape: tuple[int, int, int], weights: 
                 f"and could not be downloaded ({str(error).splitlines()[0][:160]}). Copy that file there, pass "
                 f"--weights PATH to a .h5 file, or use an offline backbone (transfer-flow backbones)."
             ) from error
-    return spec.build_base(input_shape, weights.file)
+    try:
+        base = spec.build_base(input_shape, weights.file)
+    except TransferFlowError:
+        raise
+    except (ValueError, KeyError, OSError) as error:  # Keras' loading failures; h5py's for a file that is not HDF5
+        said = " ".join([line.strip() for line in str(error).splitlines() if line.strip()][:2])
+        raise WeightsFileError(f"Weights file {weights.file} cannot be loaded into {spec.name} at {input_shape[0]} px: "
+                               f"{said[:300]}") from None
+    import keras
+
+    damaged = [v.path for v in base.weights if not np.isfinite(keras.ops.convert_to_numpy(v)).all()]
+    if damaged:
+        raise WeightsFileError(f"Weights file {weights.file} holds NaN or inf in {len(damaged)} of {spec.name}'s "
+                               f"arrays (first: {damaged[0]}): the file is damaged")
+    return base

@@ -69,3 +69,39 @@ def test_a_store_whose_row_was_altered_to_nan_is_named_and_extracted_anew(prefec
     assert main([*command, "--refresh", "extract"]) == 0
     with h5py.File(output / "features.h5", "r") as file:
         assert np.isfinite(file["features"][:]).all()
+
+
+def _weights_file(path, damage: str):
+    """A --weights file for FAST's backbone: another model's, one with NaN in a kernel, or not HDF5 at all."""
+    import keras
+
+    from transfer_flow.tasks.backbones import get_backbone
+
+    if damage == "not HDF5":
+        path.write_bytes(b"\x89HDF\r\n" + bytes(200))
+        return path
+    if damage == "another model's":
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense")])
+    else:
+        model = get_backbone(FAST["backbone"]).build_base((FAST["image_size"],) * 2 + (3,), None)
+        kernel, *rest = model.get_layer("Conv_1").get_weights()
+        kernel[0, 0, 5, 9] = np.nan
+        model.get_layer("Conv_1").set_weights([kernel, *rest])
+    model.save_weights(path)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["another model's", "NaN in a kernel", "not HDF5"])
+def test_a_weights_file_that_does_not_fit_or_holds_nan_is_exit_2(prefect_api, colour_dataset, tmp_path, capsys,
+                                                                 damage):
+    weights = _weights_file(tmp_path / "backbone.weights.h5", damage)
+    code = main(["run", str(colour_dataset), "--output", str(tmp_path / "out"), "--backbone", FAST["backbone"],
+                 "--weights", str(weights), "--image-size", str(FAST["image_size"])])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR
+    errors = [line for line in err.splitlines() if line.startswith("transfer-flow: error:")]
+    assert len(errors) == 1 and "Traceback" not in err and str(weights) in errors[0]
+    said = {"another model's": "cannot be loaded into", "NaN in a kernel": "holds NaN or inf",
+            "not HDF5": "cannot be loaded into"}[damage]
+    assert said in errors[0] and len(errors[0]) < 600
+    assert not list((tmp_path / "out").glob("features.*"))
