@@ -440,6 +440,25 @@ def extract_features(manifest: Manifest, store_path: Path, settings: ExtractionS
     return assemble_store(manifest, store_path, plan)
 
 
+def unstorable_rows(features: np.ndarray, feature_dtype: str) -> list[str]:
+    """Why each row of `features` cannot be stored, "" where it can: a store never holds NaN or inf (readers refuse
+    them), whether the backbone gave them or the store's dtype cannot hold the value."""
+    features = np.asarray(features, dtype=np.float32)
+    largest = np.finfo(feature_dtype).max
+    if np.isfinite(features).all() and np.abs(features).max(initial=0.0) <= largest:
+        return [""] * len(features)
+    reasons = []
+    for row in features:
+        if not np.isfinite(row).all():
+            reasons.append("the backbone gave NaN or inf features for it (are its weights damaged?)")
+        elif np.abs(row).max(initial=0.0) > largest:
+            reasons.append(f"its features reach {np.abs(row).max():.3g}, beyond {feature_dtype}'s range "
+                           f"(±{largest:.0f}): store float32 (--feature-dtype float32)")
+        else:
+            reasons.append("")
+    return reasons
+
+
 def _extract_into_shards(records: Sequence[PendingImage], root: Path, extractor: FeatureExtractor, cache: RowCache,
                          decode_threads: int | None, prefetch_batches: int, shard_images: int, seed: int) -> None:
     """Decode (threads, `prefetch_batches` ahead) and extract `records` (each of its missing views), committing a
@@ -451,6 +470,7 @@ def _extract_into_shards(records: Sequence[PendingImage], root: Path, extractor:
     progress = tqdm(total=len(records), unit="img", desc="extract", disable=not sys.stderr.isatty())
     done, next_log = 0, 0.0
     shard_hashes: list[str] = []
+    shard_owners: list[str] = []  # the content hash of each row's image
     shard_features: list[np.ndarray] = []
     shard_skipped: dict[str, str] = {}
     decoded_stream = decoded_batches([root / r.path for r in records], extractor.image_size, batch_size,
@@ -459,20 +479,28 @@ def _extract_into_shards(records: Sequence[PendingImage], root: Path, extractor:
         batch = records[start:start + batch_size]
         good = [(record, image) for record, image in zip(batch, decoded) if not isinstance(image, str)]
         shard_skipped.update({r.content_hash: reason for r, reason in zip(batch, decoded) if isinstance(reason, str)})
-        views = [(row_key(record.content_hash, v), augmented_view(image, record.content_hash, v, seed))
-                 for record, image in good for v in record.views]
+        views = [(record.content_hash, row_key(record.content_hash, v),
+                  augmented_view(image, record.content_hash, v, seed)) for record, image in good for v in record.views]
         for first in range(0, len(views), batch_size):  # views multiply a batch: keep the compiled batch shape
             chunk = views[first:first + batch_size]
-            shard_features.append(extractor(np.stack([image for _, image in chunk])))
-            shard_hashes.extend(key for key, _ in chunk)
+            features = extractor(np.stack([image for _, _, image in chunk]))
+            for (owner, _, _), reason in zip(chunk, unstorable_rows(features, extractor.settings.feature_dtype)):
+                if reason:
+                    shard_skipped[owner] = reason
+            shard_features.append(features)
+            shard_owners.extend(owner for owner, _, _ in chunk)
+            shard_hashes.extend(key for _, key, _ in chunk)
         done += len(batch)
         if len(shard_hashes) + len(shard_skipped) >= shard_images or done == len(records):
             if shard_skipped and not root.is_dir():  # not broken images: the whole folder is gone; commit nothing
                 raise DatasetError(f"The dataset folder {root} no longer exists (moved, removed or unmounted during "
                                    "the run): put it back and run the same command again; finished work is kept")
-            cache.commit_shard(shard_hashes, np.concatenate(shard_features) if shard_features else
-                               np.empty((0, extractor.feature_dim), np.float32), shard_skipped)
-            shard_hashes, shard_features, shard_skipped = [], [], {}
+            # An image with one unstorable view is skipped whole: none of its rows go in.
+            kept = np.array([owner not in shard_skipped for owner in shard_owners], dtype=bool)
+            features = (np.concatenate(shard_features) if shard_features else
+                        np.empty((0, extractor.feature_dim), np.float32))[kept]
+            cache.commit_shard([key for key, keep in zip(shard_hashes, kept) if keep], features, shard_skipped)
+            shard_hashes, shard_owners, shard_features, shard_skipped = [], [], [], {}
         progress.update(len(batch))
         if progress.disable and done / len(records) >= next_log:
             # Not a terminal: a plain line every 10% instead of a progress bar.

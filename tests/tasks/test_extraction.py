@@ -32,6 +32,10 @@ def rows_by_hash(store):
     return {h: f for h, f in zip(contents.hashes, features)}
 
 
+def rows_by_path(store):
+    return dict(zip(read_contents(store).paths, read_features(store, np.arange(store.n_rows))))
+
+
 @pytest.fixture(scope="module")
 def messy_manifest(messy_dataset):
     return prepared(messy_dataset)
@@ -311,3 +315,48 @@ def test_a_rerun_with_nothing_to_extract_imports_no_tensorflow(tmp_path, colours
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[-2] == "0 True []"  # nothing to do, store kept, no TensorFlow, no Keras
+
+
+def test_images_whose_features_a_float16_store_cannot_hold_are_skipped_with_why(tmp_path):
+    """VGG16's biases start at zero, so its features scale with its last kernel: scaled until the features of
+    some images pass float16's largest value. Those images are skipped with the reason, every other one is a
+    row holding its features, and a float32 store holds them all."""
+    import keras
+
+    from transfer_flow.tasks.backbones import get_backbone
+
+    # Grey at VGG's mean pixel is near zero once preprocessed, red is not: their features' peaks lie far apart.
+    for k, (name, colour) in enumerate({"grey": (124, 117, 104), "red": (220, 30, 30)}.items()):
+        write_colour_images(tmp_path / "data" / name, colour, 10, seed=k)
+    manifest = prepared(tmp_path / "data")
+    keras.utils.set_random_seed(0)
+    model = get_backbone("vgg16").build_base((32, 32, 3), None)
+    model.save_weights(tmp_path / "plain.weights.h5")
+    settings = dict(backbone="vgg16", image_size=32, pooling="avg", precision="float32", batch_size=8)
+    plain = rows_by_path(extract_features(manifest, tmp_path / "plain.h5", ExtractionSettings(
+        **settings, weights=str(tmp_path / "plain.weights.h5"))).store)
+    peaks = sorted(float(np.abs(row).max()) for row in plain.values())
+    gaps = np.diff(np.log(peaks))
+    assert gaps.max() > 0.5, peaks  # two images' peaks far enough apart to put float16's limit between them
+    limit = float(np.sqrt(peaks[gaps.argmax()] * peaks[gaps.argmax() + 1]))
+    scale = float(np.finfo(np.float16).max) / limit
+    kernel, bias = model.get_layer("block5_conv3").get_weights()
+    assert not bias.any()
+    model.get_layer("block5_conv3").set_weights([kernel * scale, bias])
+    model.save_weights(tmp_path / "scaled.weights.h5")
+    scaled = dict(settings, weights=str(tmp_path / "scaled.weights.h5"))
+
+    result = extract_features(manifest, tmp_path / "half.h5", ExtractionSettings(**scaled, feature_dtype="float16"))
+    skipped = {s.path: s.reason for s in result.images_skipped}
+    assert set(skipped) == {path for path, row in plain.items() if np.abs(row).max() > limit}
+    assert 0 < len(skipped) < len(manifest.records)
+    assert all("beyond float16's range" in reason and "--feature-dtype float32" in reason
+               for reason in skipped.values())
+    assert dict(zip(read_skipped(result.store).paths, read_skipped(result.store).reasons)) == skipped
+    kept = rows_by_path(result.store)
+    assert set(kept) == set(plain) - set(skipped)
+    for path, row in kept.items():
+        np.testing.assert_allclose(row, plain[path] * scale, rtol=2e-3, atol=1e-2)
+
+    whole = extract_features(manifest, tmp_path / "single.h5", ExtractionSettings(**scaled))
+    assert not whole.images_skipped and set(rows_by_path(whole.store)) == set(plain)
