@@ -453,7 +453,7 @@ def unstorable_rows(features: np.ndarray, feature_dtype: str) -> list[str]:
             reasons.append("the backbone gave NaN or inf features for it (are its weights damaged?)")
         elif np.abs(row).max(initial=0.0) > largest:
             reasons.append(f"its features reach {np.abs(row).max():.3g}, beyond {feature_dtype}'s range "
-                           f"(±{largest:.0f}): store float32 (--feature-dtype float32)")
+                           f"(±{largest:.0f}): features stored as float32 (--feature-dtype float32) hold them")
         else:
             reasons.append("")
     return reasons

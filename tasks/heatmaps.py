@@ -47,7 +47,7 @@ from transfer_flow.tasks.backbones import (
     get_backbone,
     pooling_layer_name,
 )
-from transfer_flow.tasks.extraction import FeatureExtractor
+from transfer_flow.tasks.extraction import FeatureExtractor, unstorable_rows
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decoded_batches
 from transfer_flow.tasks.prediction import bundle_extractor, bundle_runtime
@@ -323,26 +323,36 @@ class BundleExplainer:
         classes.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
         return head_on_maps
 
-    def explain(self, images: np.ndarray, classes: Sequence[int] | None = None) -> list[Explained]:
+    def explain(self, images: np.ndarray, classes: Sequence[int] | None = None) -> list[Explained | str]:
         """Decoded uint8 images (n, size, size, 3) → each one's probabilities and the map of `classes[i]`
-        (default: the predicted class)."""
+        (default: the predicted class); or, for an image whose features the head never saw the like of (NaN or
+        inf, or beyond the store's dtype), why not."""
         batch = self.extractor.spec.preprocess(images)
         if self.runtime_maps is not None:
             maps, features = self._runtime_pass(batch)
         else:
             maps = np.asarray(self.map_model(batch, training=False))  # on any Keras backend (Grad-CAM's is TF)
             features = pool_maps(maps, self.pooling)
-        if self.bundle.metadata.whole_model:  # the network's own head, on its own pooled maps (nothing stored)
-            probabilities = np.asarray(self.feature_head(features, training=False))
+        whole = self.bundle.metadata.whole_model  # the network's own head, on its own pooled maps (nothing stored)
+        reasons = unstorable_rows(features, "float32" if whole else self.dtype.name)
+        fit = np.flatnonzero([not reason for reason in reasons])
+        if whole:
+            probabilities = np.asarray(self.feature_head(features[fit], training=False))
         else:
             # Round through the store's dtype: the head was trained on features stored that way.
-            probabilities = class_probabilities(self.head, features.astype(self.dtype).astype(np.float32))
-        chosen = np.argmax(probabilities, axis=1) if classes is None else np.asarray(classes, dtype=int)
-        if self.method == "cam":
-            heat = class_activation_maps(maps, self.weights[chosen], self.pooling)
+            probabilities = class_probabilities(self.head, features[fit].astype(self.dtype).astype(np.float32))
+        chosen = (np.argmax(probabilities, axis=1) if classes is None
+                  else np.asarray(classes, dtype=int).reshape(-1)[fit])
+        if len(fit) == 0:
+            heat = []
+        elif self.method == "cam":
+            heat = class_activation_maps(maps[fit], self.weights[chosen], self.pooling)
         else:
-            heat = grad_cam_on_maps(self.head_on_maps, maps, chosen.tolist())
-        return [Explained(p, int(c), h) for p, c, h in zip(probabilities, chosen, heat)]
+            heat = grad_cam_on_maps(self.head_on_maps, maps[fit], chosen.tolist())
+        explained: list[Explained | str] = list(reasons)
+        for i, p, c, h in zip(fit, probabilities, chosen, heat):
+            explained[i] = Explained(p, int(c), h)
+        return explained
 
     def _runtime_pass(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The runtime's maps and features of `batch`, padded to the batch size it was compiled for, as extraction
@@ -363,7 +373,7 @@ class BundleExplainer:
             if good:
                 wanted = None if classes is None else [classes[start + i] for i in good]
                 for i, item in zip(good, self.explain(np.stack([decoded[i] for i in good]), wanted)):
-                    explained[i] = (decoded[i], item)
+                    explained[i] = item if isinstance(item, str) else (decoded[i], item)
             results += [explained.get(i, decoded[i]) for i in range(len(decoded))]
         return results
 

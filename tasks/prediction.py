@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from transfer_flow.storage.errors import BundleError, DatasetError
 from transfer_flow.storage.model_bundle import ModelBundle, load_bundle, load_head
 from transfer_flow.tasks.backbones import get_backbone, recorded_weights
-from transfer_flow.tasks.extraction import FeatureExtractor, recorded_extractor
+from transfer_flow.tasks.extraction import FeatureExtractor, recorded_extractor, unstorable_rows
 from transfer_flow.tasks.heads import class_probabilities
 from transfer_flow.tasks.images import decoded_batches
 from transfer_flow.tasks.listing import IMAGE_EXTENSIONS
@@ -134,17 +134,35 @@ def bundle_extractor(bundle: ModelBundle, batch_size: int = 32) -> FeatureExtrac
     return extractor
 
 
-def image_classifier(bundle: ModelBundle, batch_size: int = 32) -> Callable[[np.ndarray], np.ndarray]:
-    """Decoded uint8 images (n, size, size, 3) at the bundle's image size → class probabilities (n, classes)."""
+Classifier = Callable[[np.ndarray], tuple[np.ndarray, list[str]]]
+
+
+def image_classifier(bundle: ModelBundle, batch_size: int = 32) -> Classifier:
+    """Decoded uint8 images (n, size, size, 3) at the bundle's image size → class probabilities (n, classes), and
+    why each image has none ("" where it has: its row of probabilities is NaN otherwise)."""
     bundle_runtime(bundle).load()  # before the head is loaded: Keras (a head's, a fine-tuned network's) on its backend
     head = load_head(bundle)
     if bundle.metadata.whole_model:  # the fine-tuned network: preprocessed images in
         preprocess = _backbone_of(bundle).preprocess
-        return lambda images: class_probabilities(head, preprocess(images))
+
+        def classify_images(images: np.ndarray) -> tuple[np.ndarray, list[str]]:
+            probabilities = class_probabilities(head, preprocess(images))
+            return probabilities, ["" if ok else "the network gave NaN or inf for it"
+                                   for ok in np.isfinite(probabilities).all(axis=1)]
+        return classify_images
     extractor = bundle_extractor(bundle, batch_size)
-    dtype = np.dtype(bundle.metadata.extraction.feature_dtype)
-    # Round through the store's dtype: the head saw features stored that way.
-    return lambda images: class_probabilities(head, extractor(images).astype(dtype).astype(np.float32))
+    dtype = bundle.metadata.extraction.feature_dtype
+
+    def classify_features(images: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        features = extractor(images)
+        reasons = unstorable_rows(features, dtype)  # what extraction would have skipped, the head never saw
+        fit = np.array([not reason for reason in reasons], dtype=bool)
+        probabilities = np.full((len(features), len(bundle.metadata.class_names)), np.nan)
+        if fit.any():
+            # Round through the store's dtype: the head saw features stored that way.
+            probabilities[fit] = class_probabilities(head, features[fit].astype(dtype).astype(np.float32))
+        return probabilities, reasons
+    return classify_features
 
 
 def predict_images(bundle: ModelBundle, paths: Sequence[str], *, top_k: int = 3, batch_size: int = 32,
@@ -162,11 +180,12 @@ def predict_images(bundle: ModelBundle, paths: Sequence[str], *, top_k: int = 3,
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         by_index: dict[int, PredictionRow] = {}
         if good:
-            probabilities = classify(np.stack([decoded[i] for i in good]))
+            probabilities, reasons = classify(np.stack([decoded[i] for i in good]))
             order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
             for row, i in enumerate(good):
-                by_index[i] = PredictionRow(path=batch[i], labels=[names[c] for c in order[row]],
-                                            confidences=[float(probabilities[row, c]) for c in order[row]])
+                by_index[i] = PredictionRow(path=batch[i], error=reasons[row]) if reasons[row] else PredictionRow(
+                    path=batch[i], labels=[names[c] for c in order[row]],
+                    confidences=[float(probabilities[row, c]) for c in order[row]])
         rows += [by_index.get(i) or PredictionRow(path=path, error=decoded[i]) for i, path in enumerate(batch)]
     return rows
 
@@ -183,5 +202,9 @@ def image_probabilities(bundle: ModelBundle, root: Path, paths: Sequence[str], b
         if failed:
             raise DatasetError(f"{failed[0][0]} can no longer be decoded ({failed[0][1]}): it changed since "
                                "extraction; run the same command again")
-        out.append(classify(np.stack(decoded)))
+        probabilities, reasons = classify(np.stack(decoded))
+        failed = [(paths[start + i], reason) for i, reason in enumerate(reasons) if reason]
+        if failed:
+            raise DatasetError(f"{failed[0][0]} cannot be classified ({failed[0][1]})")
+        out.append(probabilities)
     return np.concatenate(out) if out else np.empty((0, len(bundle.metadata.class_names)))

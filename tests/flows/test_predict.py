@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.support import FAST
+from tests.support import FAST, write_colour_images
 from transfer_flow.flows.cli import EXIT_USER_ERROR, main
 from transfer_flow.flows.pipeline import transfer_learning
 from transfer_flow.flows.predict import batch_prediction
@@ -138,3 +138,51 @@ def test_a_folder_without_images_is_one_line_not_an_empty_csv(trained_run, tmp_p
     assert code == EXIT_USER_ERROR
     assert "No images to label under" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def float16_run_and_a_red_image(prefect_api, tmp_path_factory):
+    """A float16 store of grey images from VGG16 scaled so that their features fit float16 and a red image's do
+    not (its biases start at zero, so its features scale with its last kernel)."""
+    import keras
+
+    from transfer_flow.tasks.backbones import get_backbone
+    from transfer_flow.tasks.images import decoded_batches
+
+    root = tmp_path_factory.mktemp("float16")
+    for k, (name, colour) in enumerate({"grey": (124, 117, 104), "slate": (104, 117, 124)}.items()):
+        write_colour_images(root / "data" / name, colour, 8, seed=k)
+    write_colour_images(root / "new", (220, 30, 30), 1, seed=5)
+    red = str(next((root / "new").iterdir()))
+    keras.utils.set_random_seed(0)
+    spec = get_backbone("vgg16")
+    model = spec.build_base((32, 32, 3), None)
+
+    def peak(paths):
+        images = np.stack(next(decoded_batches(paths, 32, len(paths))))
+        return float(np.abs(np.asarray(model(spec.preprocess(images))).mean(axis=(1, 2))).max())
+
+    trained, new = peak(sorted(str(p) for p in (root / "data").rglob("img_*"))), peak([red])
+    assert new > 2 * trained, (trained, new)
+    kernel, bias = model.get_layer("block5_conv3").get_weights()
+    model.get_layer("block5_conv3").set_weights([kernel * float(np.finfo(np.float16).max) / np.sqrt(trained * new),
+                                                 bias])
+    model.save_weights(root / "scaled.weights.h5")
+    transfer_learning(PipelineSettings(dataset=str(root / "data"), output=str(root / "out"), backbone="vgg16",
+                                       weights=str(root / "scaled.weights.h5"), image_size=32, batch_size=8,
+                                       feature_dtype="float16"))
+    return root / "out", red, str(root / "data" / "grey" / "img_000.jpg")
+
+
+def test_an_image_beyond_the_stores_dtype_is_an_error_row_in_predict_and_explain(float16_run_and_a_red_image,
+                                                                                 tmp_path):
+    from transfer_flow.tasks.heatmaps import explain_images
+
+    output, red, grey = float16_run_and_a_red_image
+    bundle = load_bundle(output / "model")
+    predicted = {row.path: row for row in predict_images(bundle, [red, grey])}
+    assert "beyond float16's range" in predicted[red].error and not predicted[red].labels
+    assert predicted[grey].labels[0] == "grey" and not predicted[grey].error
+    explained = {row.path: row for row in explain_images(bundle, [red, grey], lambda i, path, pixels: f"{i}.png")}
+    assert "beyond float16's range" in explained[red].error and not explained[red].heatmap
+    assert explained[grey].label == "grey" and explained[grey].heatmap == "1.png"
