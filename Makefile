@@ -18,13 +18,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/transfer-flow demo --output demo-output
 
-# The whole suite, after the house checks (lint, line length, the import-layer contract).
+# The whole suite, after the house checks (lint, line length, the import-layer contract), on two processes: a test
+# file runs whole on one of them, so its module fixtures (a served schedule, a trained run) are built once.
+PYTEST_PARALLEL := -n 2 --dist loadfile
+
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 # What needs no server of its own, no cluster and no Keras training: a quick loop while editing.
 test-fast: lint
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 # Every kill -9 point of the fault-injection suite on both stores (`make test` runs three).
 test-faults: install

@@ -91,6 +91,7 @@ def _weights_file(path, damage: str):
     return path
 
 
+@pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning")  # Keras, on another model's file
 @pytest.mark.parametrize("damage", ["another model's", "NaN in a kernel", "not HDF5"])
 def test_a_weights_file_that_does_not_fit_or_holds_nan_is_exit_2(prefect_api, colour_dataset, tmp_path, capsys,
                                                                  damage):
