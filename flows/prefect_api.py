@@ -113,10 +113,17 @@ def start_api_while_importing(*modules: str) -> None:
     Without PREFECT_API_URL Prefect starts a temporary server on the flow's first call (a subprocess: seconds),
     and only then do the tasks import TensorFlow and Keras (seconds more). Here the two overlap. An import that
     fails here is left to fail again, with its own message, where the task needs it.
+
+    With an API already up (PREFECT_API_URL) there is nothing to overlap: the tasks import what they need when they
+    need it, and a rerun with nothing to extract imports neither (~7 s of every such command, server module included).
     """
     import importlib
     import threading
 
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
     # Everything the main thread imports is imported before the thread starts: no two threads in one import.
     import prefect.server.api.server  # noqa: F401  (the temporary server's module)
     from prefect.client.orchestration import get_client

@@ -1,5 +1,6 @@
 """The transfer-flow command as a user meets it: help, bad arguments, bad datasets, a real run."""
 import json
+import os
 import subprocess
 import sys
 
@@ -136,3 +137,32 @@ def test_mistakes_that_need_no_server_are_reported_once_before_one_starts(no_ser
         assert line.startswith("transfer-flow: error:") and message in line, (argv, line)
     assert (tmp_path / "old.csv").read_text() == "keep me"
     assert not OutputLayout(root=str(tmp_path / "a")).store.exists()
+
+
+# `main` in a fresh process, then which of TensorFlow and Keras that process imported.
+RUN_THEN_IMPORTED = """
+import sys
+from transfer_flow.flows.cli import main
+code = main(sys.argv[1:])
+print(code, sorted({"tensorflow", "keras"} & set(sys.modules)))
+"""
+
+
+def test_a_warm_rerun_against_a_running_server_imports_neither_tensorflow_nor_keras(prefect_api, colour_dataset,
+                                                                                     tmp_path):
+    """With an API already up, the command imports nothing ahead for its tasks: a rerun with nothing to extract or
+    train builds no model, so it needs neither (seconds of every such command)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from tests.support import FAST
+
+    command = ["run", str(colour_dataset), "--output", str(tmp_path / "out"), "--backbone", FAST["backbone"],
+               "--weights", FAST["weights"], "--image-size", str(FAST["image_size"])]
+    assert main(command) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_API_URL=SubprocessASGIServer().api_url)
+    done = subprocess.run([sys.executable, "-c", RUN_THEN_IMPORTED, *command], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(0 images extracted, 24 reused" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "0 []"
