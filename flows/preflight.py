@@ -13,6 +13,8 @@ from transfer_flow.storage.explanations import refuse_existing_explanations
 from transfer_flow.storage.output_layout import OutputLayout
 from transfer_flow.storage.predictions import refuse_existing_predictions
 from transfer_flow.tasks.backbones import BACKBONES, resolve_weights
+from transfer_flow.tasks.extraction import FeatureExtractor
+from transfer_flow.tasks.heads import HEADS
 from transfer_flow.tasks.heatmaps import explanation_imports
 from transfer_flow.tasks.prediction import bundle_runtime, find_bundle
 from transfer_flow.tasks.runtimes import get_runtime
@@ -20,12 +22,19 @@ from transfer_flow.tasks.runtimes import get_runtime
 
 def check_pipeline(settings: PipelineSettings) -> tuple[str, ...]:
     """Returns, as every check here, what the command's tasks import to build the backbone (to import ahead), with
-    Keras' backend chosen for them: the runtime is loaded first, as resolving the weights may build a model."""
+    Keras' backend chosen for them: the runtime is loaded first, as resolving the weights may build a model. Nothing
+    when no Keras model will be built: a backbone its runtime has cached, under heads that are not Keras models."""
     runtime = get_runtime(settings.resolved_runtime())
-    runtime.load()
-    resolve_weights(BACKBONES[settings.backbone], settings.weights)
+    module = runtime.load()
+    weights = resolve_weights(BACKBONES[settings.backbone], settings.weights)
     OutputLayout(root=settings.output, store_format=settings.store).claim(settings.dataset,
                                                                          overwrite=settings.overwrite)
+    heads = getattr(settings, "heads", None) or [settings.head]
+    cached_entry = getattr(module, "cached_entry", None)  # runtimes that keep converted models (OpenVINO)
+    if (all(HEADS[head].head_format == "skops" for head in heads) and cached_entry is not None
+            and settings.resolved_precision() != "int8"  # its key names the training images: known after the split
+            and cached_entry(FeatureExtractor(settings, weights).forward_request()) is not None):
+        return ()
     return runtime.imports
 
 
