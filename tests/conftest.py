@@ -40,11 +40,17 @@ def prefect_api():
 @pytest.fixture(scope="module")
 def compiled_models(tmp_path_factory):
     """A compiled-model cache of the test module's own: the first test that needs a model converts it, the others
-    reuse it."""
+    reuse it. The process's extractors (one per extraction key, each holding the model it compiled) are dropped on
+    the way in and out, so none compiled from another module's cache serves this module: `make test` runs several
+    modules in one process, in an order that varies."""
+    from transfer_flow.tasks import extraction
+
     folder = tmp_path_factory.mktemp("compiled-models")
     previous = os.environ.get("TRANSFER_FLOW_COMPILED_MODELS")
     os.environ["TRANSFER_FLOW_COMPILED_MODELS"] = str(folder)
+    extraction._EXTRACTORS.clear()
     yield folder
+    extraction._EXTRACTORS.clear()
     if previous is None:
         del os.environ["TRANSFER_FLOW_COMPILED_MODELS"]
     else:
