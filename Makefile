@@ -22,8 +22,9 @@ demo: install
 # file runs whole on one of them, so its module fixtures (a served schedule, a trained run) are built once.
 PYTEST_PARALLEL := -n 2 --dist loadfile
 
+# The slowest tests are listed at the end: where the next minutes of the suite are.
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) --durations=15
 
 # What needs no server of its own, no cluster and no Keras training: a quick loop while editing.
 test-fast: lint
