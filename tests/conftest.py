@@ -37,6 +37,20 @@ def prefect_api():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_models_of_the_session(tmp_path_factory):
+    """Models the tests convert go to the session's temporary folder, never the user's cache (~/.keras): tests
+    convert backbones with weights files made per run, and a converted VGG16 is ~220 MB."""
+    folder = tmp_path_factory.mktemp("compiled-models-of-the-session")
+    previous = os.environ.get("TRANSFER_FLOW_COMPILED_MODELS")
+    os.environ["TRANSFER_FLOW_COMPILED_MODELS"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["TRANSFER_FLOW_COMPILED_MODELS"]
+    else:
+        os.environ["TRANSFER_FLOW_COMPILED_MODELS"] = previous
+
+
 @pytest.fixture(scope="module")
 def compiled_models(tmp_path_factory):
     """A compiled-model cache of the test module's own: the first test that needs a model converts it, the others

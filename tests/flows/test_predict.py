@@ -141,9 +141,10 @@ def test_a_folder_without_images_is_one_line_not_an_empty_csv(trained_run, tmp_p
 
 
 @pytest.fixture(scope="module")
-def float16_run_and_a_red_image(prefect_api, tmp_path_factory):
+def float16_run_and_a_red_image(prefect_api, tmp_path_factory, compiled_models):
     """A float16 store of grey images from VGG16 scaled so that their features fit float16 and a red image's do
-    not (its biases start at zero, so its features scale with its last kernel)."""
+    not (its biases start at zero, so its features scale with its last kernel). Its converted models (~220 MB each)
+    go to the module's own cache, not the user's."""
     import keras
 
     from transfer_flow.tasks.backbones import get_backbone

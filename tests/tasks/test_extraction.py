@@ -317,7 +317,7 @@ def test_a_rerun_with_nothing_to_extract_imports_no_tensorflow(tmp_path, colours
     assert done.stdout.split("\n")[-2] == "0 True []"  # nothing to do, store kept, no TensorFlow, no Keras
 
 
-def test_images_whose_features_a_float16_store_cannot_hold_are_skipped_with_why(tmp_path):
+def test_images_whose_features_a_float16_store_cannot_hold_are_skipped_with_why(tmp_path, compiled_models):
     """VGG16's biases start at zero, so its features scale with its last kernel: scaled until the features of
     some images pass float16's largest value. Those images are skipped with the reason, every other one is a
     row holding its features, and a float32 store holds them all."""
