@@ -30,10 +30,10 @@ def check_pipeline(settings: PipelineSettings) -> tuple[str, ...]:
     OutputLayout(root=settings.output, store_format=settings.store).claim(settings.dataset,
                                                                          overwrite=settings.overwrite)
     heads = getattr(settings, "heads", None) or [settings.head]
-    cached_entry = getattr(module, "cached_entry", None)  # runtimes that keep converted models (OpenVINO)
-    if (all(HEADS[head].head_format == "skops" for head in heads) and cached_entry is not None
+    has_cached_entry = getattr(module, "has_cached_entry", None)  # runtimes that keep converted models (OpenVINO)
+    if (all(HEADS[head].head_format == "skops" for head in heads) and has_cached_entry is not None
             and settings.resolved_precision() != "int8"  # its key names the training images: known after the split
-            and cached_entry(FeatureExtractor(settings, weights).forward_request()) is not None):
+            and has_cached_entry(FeatureExtractor(settings, weights).forward_request())):
         return ()
     return runtime.imports
 

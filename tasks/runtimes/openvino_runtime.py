@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from transfer_flow.storage.compiled_models import (
+    ENTRY_FILE,
     CompiledModelEntry,
     UnusableEntryError,
     entry_dir,
@@ -188,6 +189,12 @@ def cached_entry(request: ForwardRequest) -> Path | None:
     except UnusableEntryError as error:
         stage_logger().warning("cached model in %s unusable: %s", folder, error)
         return None
+
+
+def has_cached_entry(request: ForwardRequest) -> bool:
+    """Whether the cache has an entry for this request, unchecked (no file is hashed): a hint of what a run will
+    import, for a command about to start one. The entry is checked where it is loaded."""
+    return (entry_dir(compiled_models_dir(), request.backbone.name, model_key(request)) / ENTRY_FILE).is_file()
 
 
 def cached_model(request: ForwardRequest) -> Path:
