@@ -10,7 +10,7 @@ by which recipe and seed), the runtime that ran the backbone and, for int8, the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -26,6 +26,9 @@ class WeightsRecord(BaseModel):
         return self.source if self.file is None else f"{self.source}: {self.file}"
 
 
+FeatureDtype = Literal["float32", "float16"]  # float16 halves the bytes; reads come back as float32 either way
+
+
 class ExtractionRecord(BaseModel):
     """Everything that decides what a feature row means, as recorded with the rows."""
 
@@ -36,7 +39,7 @@ class ExtractionRecord(BaseModel):
     precision: str
     preprocessing: str
     resize: str = Field(default="", description="How images were resized (empty when not recorded).")
-    feature_dtype: str = Field(default="float32", description="How the features are stored (float16 rounds).")
+    feature_dtype: FeatureDtype = Field(default="float32", description="How the features are stored (float16 rounds).")
     augment: int = Field(default=0, description="Augmented views stored per training image (0: none).")
     augment_recipe: str = Field(default="", description="How a view is made, with its seed (empty: no views).")
     runtime: str = Field(default="tensorflow", description="What ran the backbone (before runtimes: TensorFlow).")

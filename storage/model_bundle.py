@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from transfer_flow.storage.atomic import atomic_path
 from transfer_flow.storage.compiled_models import CachedFile
@@ -221,11 +221,24 @@ def copy_bundled_backbone(bundle: ModelBundle, destination: Path) -> None:
             raise BundleError(f"{source} does not match the hash recorded in {METADATA_FILE}: refusing to load it")
 
 
+# A bundle's metadata is ~10 kB (a fine-tuned one's curves included); a larger file is not one of ours.
+MAX_METADATA_BYTES = 4 * 2**20
+
+
 def read_bundle_metadata(directory: Path) -> BundleMetadata:
+    """The bundle's metadata, refused (BundleError) when missing, oversized or not what this version writes."""
     source = Path(directory) / METADATA_FILE
     if not source.is_file():
         raise BundleError(f"{directory} is not a model bundle: {METADATA_FILE} is missing")
-    return BundleMetadata.model_validate_json(source.read_text(encoding="utf-8"))
+    if source.stat().st_size > MAX_METADATA_BYTES:
+        raise BundleError(f"{source} is {source.stat().st_size} bytes, more than a bundle's metadata can be "
+                          f"({MAX_METADATA_BYTES}): refusing to read it")
+    try:
+        return BundleMetadata.model_validate_json(source.read_bytes())
+    except ValidationError as error:
+        detail = error.errors()[0]
+        where = ".".join(str(part) for part in detail["loc"]) or "the file"
+        raise BundleError(f"{source} is not a bundle this version can read: {where}: {detail['msg']}") from None
 
 
 def load_head(bundle: ModelBundle) -> Any:

@@ -17,15 +17,15 @@ import dataclasses
 import datetime as dt
 import json
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 
 from transfer_flow.storage.content_keys import package_version
 from transfer_flow.storage.errors import StoreError
+from transfer_flow.storage.extraction_record import FeatureDtype
 
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB row chunks: h5py's advice for chunk size, whatever the feature width
-FeatureDtype = Literal["float32", "float16"]  # float16 halves the bytes; reads come back as float32 either way
 FEATURE_DTYPES = get_args(FeatureDtype)
 STRING_COLUMNS = ("paths", "split", "hashes")
 ROW_COLUMNS = ("features", "labels", "view", *STRING_COLUMNS)  # one entry per row, all grown and written together

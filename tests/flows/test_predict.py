@@ -98,6 +98,29 @@ def test_bundle_for_another_feature_dimension_is_a_clear_error(trained_run, tmp_
         bundle_extractor(load_bundle(tmp_path / "model"))
 
 
+def _hostile_metadata(meta, damage: str) -> None:
+    if damage == "a feature dtype we never write":
+        meta.write_text(meta.read_text().replace('"feature_dtype": "float32"', '"feature_dtype": "int8"'))
+    elif damage == "not JSON":
+        meta.write_bytes(b"\xff\xfe not json")
+    else:  # oversized: read whole, it would fill memory first
+        meta.write_text(meta.read_text() + " " * (5 * 2**20))
+
+
+@pytest.mark.parametrize("damage", ["a feature dtype we never write", "not JSON", "oversized"])
+def test_a_bundle_whose_metadata_is_hostile_is_one_line_naming_it(trained_run, colour_dataset, tmp_path, capsys,
+                                                                   damage):
+    shutil.copytree(trained_run / "model", tmp_path / "model")
+    meta = tmp_path / "model" / "bundle.json"
+    assert '"feature_dtype": "float32"' in meta.read_text()
+    _hostile_metadata(meta, damage)
+    code = main(["predict", str(tmp_path / "model"), str(colour_dataset / "red" / "img_000.jpg")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("transfer-flow: error:")]
+    assert code == EXIT_USER_ERROR and len(errors) == 1 and "Traceback" not in err
+    assert str(meta) in errors[0] and "--" not in errors[0].split(str(meta))[0]  # the file, not a flag, is named
+
+
 @pytest.mark.slow
 def test_predict_says_what_matters_once_and_prefects_chatter_only_with_verbose(trained_run, colour_dataset, tmp_path):
     """A user's terminal: the stage lines and the CSV; no telemetry error, no TensorFlow banner, no per-task
