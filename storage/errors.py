@@ -63,6 +63,13 @@ class SettingsError(TransferFlowError, ValueError):
         return cls("; ".join(parts))
 
 
+def first_problem(error: ValidationError) -> str:
+    """pydantic's first complaint about a file we read, in one clause: where in it, and what."""
+    detail = error.errors()[0]
+    where = ".".join(str(part) for part in detail["loc"]) or "the file"
+    return f"{where}: {detail['msg']}"
+
+
 class UnreadableImageError(TransferFlowError, ValueError):
     """One image cannot be decoded; the pipeline records it as skipped with `reason`."""
 

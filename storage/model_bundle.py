@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, ValidationError, field_serializer, field_
 from transfer_flow.storage.atomic import atomic_path
 from transfer_flow.storage.compiled_models import CachedFile
 from transfer_flow.storage.content_keys import file_sha256
-from transfer_flow.storage.errors import BundleError, OutputExistsError
+from transfer_flow.storage.errors import BundleError, OutputExistsError, first_problem
 from transfer_flow.storage.extraction_record import ExtractionRecord, read_record, record_attrs
 
 HEAD_FILE = "head.skops"
@@ -236,9 +236,7 @@ def read_bundle_metadata(directory: Path) -> BundleMetadata:
     try:
         return BundleMetadata.model_validate_json(source.read_bytes())
     except ValidationError as error:
-        detail = error.errors()[0]
-        where = ".".join(str(part) for part in detail["loc"]) or "the file"
-        raise BundleError(f"{source} is not a bundle this version can read: {where}: {detail['msg']}") from None
+        raise BundleError(f"{source} is not a bundle this version can read: {first_problem(error)}") from None
 
 
 def load_head(bundle: ModelBundle) -> Any:

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from transfer_flow.storage.atomic import write_json
 from transfer_flow.storage.content_keys import content_key
-from transfer_flow.storage.errors import StoreError
+from transfer_flow.storage.errors import StoreError, first_problem
 from transfer_flow.storage.extraction_record import ExtractionRecord, read_record
 from transfer_flow.storage.feature_store.formats import (
     STORE_FORMATS,
@@ -97,6 +97,9 @@ class FeatureStore(BaseModel):
             return None
         try:
             return read_record(self.attrs)
+        except ValidationError as error:
+            raise StoreError(f"{self.path} has an extraction record this version cannot read: "
+                             f"{first_problem(error)}") from None
         except ValueError as error:
             raise StoreError(f"{self.path} has an incomplete extraction record: {error}") from None
 

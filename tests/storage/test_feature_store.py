@@ -438,3 +438,13 @@ def test_view_column_round_trips_and_a_store_without_one_reads_as_view_0(tmp_pat
         with h5py.File(path, "a") as file:
             del file["view"]
         np.testing.assert_array_equal(read_contents(open_store(path)).view, [0, 0, 0, 0])
+
+
+def test_an_extraction_record_naming_a_dtype_we_never_write_is_one_line_naming_the_store(tmp_path):
+    from tests.support import STORE_ATTRS, make_separable_store
+    from transfer_flow.storage.errors import StoreError
+
+    store = make_separable_store(tmp_path / "f.h5", attrs={**STORE_ATTRS, "feature_dtype": "int8"})
+    with pytest.raises(StoreError) as refused:
+        open_store(store.path).extraction
+    assert store.path in str(refused.value) and "feature_dtype" in str(refused.value) and "\n" not in str(refused.value)
